@@ -1,0 +1,393 @@
+#include "runtime/config.hpp"
+
+// yaml-cpp 0.7's node templates trip GCC 12's -Wdangling-pointer inside its own headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdangling-pointer"
+#include <yaml-cpp/yaml.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "runtime/error.hpp"
+
+namespace moe {
+
+namespace {
+
+using T = ConfigType;
+
+// The schema. Keep it sorted by section; the README's table is generated from it
+// (`moe-config schema`).
+const std::vector<ConfigKey> kSchema = {
+    {"run.dir",
+     T::kString,
+     "runs/default",
+     0,
+     0,
+     {},
+     "directory for this run's outputs: resolved config, metrics.jsonl, checkpoints"},
+    {"run.metrics",
+     T::kBool,
+     "true",
+     0,
+     0,
+     {},
+     "write JSON-lines metrics to <run.dir>/metrics.jsonl"},
+    {"log.level",
+     T::kString,
+     "info",
+     0,
+     0,
+     {"debug", "info", "warn", "error"},
+     "lowest level printed; errors always go to stderr"},
+    {"log.every", T::kInt, "10", 1, 1e9, {}, "print the rank-0 progress line every N steps"},
+    {"runtime.omp_threads",
+     T::kInt,
+     "0",
+     0,
+     1024,
+     {},
+     "OpenMP threads per rank; 0 = OMP_NUM_THREADS, else all cores"},
+    {"runtime.blis_threads",
+     T::kInt,
+     "0",
+     0,
+     1024,
+     {},
+     "BLIS threads for a GEMM called outside OpenMP loops; 0 = runtime.omp_threads"},
+    {"data.path",
+     T::kString,
+     "data/kjv.h5",
+     0,
+     0,
+     {},
+     "HDF5 token file written by `moe-data build`"},
+    {"data.split", T::kString, "train", 0, 0, {"train", "val"}, "which split training reads"},
+    {"model.vocab_size",
+     T::kInt,
+     "0",
+     0,
+     1 << 24,
+     {},
+     "vocabulary size; 0 = take it from the data file"},
+    {"model.seq_len",
+     T::kInt,
+     "256",
+     1,
+     1 << 20,
+     {},
+     "tokens per training window (each window reads seq_len + 1 tokens)"},
+    {"train.seed",
+     T::kInt,
+     "1234",
+     0,
+     9.0e15,
+     {},
+     "seed for weights and data order; same seed, same run on any rank count"},
+    {"train.global_batch",
+     T::kInt,
+     "16",
+     1,
+     1 << 24,
+     {},
+     "sequences per optimiser step, over all ranks"},
+    {"train.micro_batch",
+     T::kInt,
+     "4",
+     1,
+     1 << 20,
+     {},
+     "sequences per rank per forward/backward; global_batch / (micro_batch * ranks) = "
+     "accumulation"},
+};
+
+std::string trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  size_t e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1])});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string suggestion(const std::string& key) {
+  const ConfigKey* best = nullptr;
+  size_t best_d = 4;  // suggest only close matches
+  for (const auto& k : kSchema) {
+    size_t d = edit_distance(key, k.key);
+    // Also match the last component alone ("d_modle" under the wrong section).
+    std::string tail = k.key.substr(k.key.rfind('.') + 1);
+    std::string key_tail = key.substr(key.rfind('.') + 1);
+    if (key_tail == tail) d = std::min<size_t>(d, 1);
+    if (d < best_d) best = &k, best_d = d;
+  }
+  return best ? cat(" (did you mean '", best->key, "'?)") : std::string();
+}
+
+[[noreturn]] void config_error(const std::string& where, const std::string& what) {
+  throw Error(ErrorKind::kConfig, cat(where, ": ", what));
+}
+
+std::string format_value(const ConfigValue& v) {
+  if (auto* i = std::get_if<int64_t>(&v)) return std::to_string(*i);
+  if (auto* b = std::get_if<bool>(&v)) return *b ? "true" : "false";
+  if (auto* d = std::get_if<double>(&v)) {
+    std::ostringstream os;
+    os.precision(10);
+    os << *d;
+    std::string s = os.str();
+    if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+    return s;
+  }
+  const std::string& s = std::get<std::string>(v);
+  YAML::Emitter e;
+  e << s;
+  return e.c_str();
+}
+
+std::string range_text(const ConfigKey& k) {
+  if (!k.choices.empty()) {
+    std::string s;
+    for (const auto& c : k.choices) s += (s.empty() ? "" : " | ") + c;
+    return s;
+  }
+  if (k.min == 0 && k.max == 0) return "";
+  return cat("[",
+             format_value(k.type == T::kInt ? ConfigValue(static_cast<int64_t>(k.min))
+                                            : ConfigValue(k.min)),
+             ", ",
+             format_value(k.type == T::kInt ? ConfigValue(static_cast<int64_t>(k.max))
+                                            : ConfigValue(k.max)),
+             "]");
+}
+
+ConfigValue parse_value(const ConfigKey& k, const std::string& raw, const std::string& where) {
+  std::string text = trim(raw);
+  auto expect = [&](const char* what) -> ConfigValue {
+    config_error(where, cat("key '", k.key, "' expects ", what, ", got '", text, "'"));
+  };
+  switch (k.type) {
+    case T::kInt: {
+      if (text.empty()) expect("an integer");
+      errno = 0;
+      char* end = nullptr;
+      long long v = std::strtoll(text.c_str(), &end, 10);
+      if (*end != '\0' || errno == ERANGE) expect("an integer");
+      if (!(k.min == 0 && k.max == 0) && (v < k.min || v > k.max))
+        config_error(where, cat("key '", k.key, "' = ", v, " is out of range ", range_text(k)));
+      return static_cast<int64_t>(v);
+    }
+    case T::kFloat: {
+      if (text.empty()) expect("a number");
+      errno = 0;
+      char* end = nullptr;
+      double v = std::strtod(text.c_str(), &end);
+      if (*end != '\0' || errno == ERANGE || !std::isfinite(v)) expect("a number");
+      if (!(k.min == 0 && k.max == 0) && (v < k.min || v > k.max))
+        config_error(where, cat("key '", k.key, "' = ", text, " is out of range ", range_text(k)));
+      return v;
+    }
+    case T::kBool: {
+      std::string l = text;
+      std::transform(l.begin(), l.end(), l.begin(), ::tolower);
+      if (l == "true" || l == "yes" || l == "on") return true;
+      if (l == "false" || l == "no" || l == "off") return false;
+      return expect("true or false");
+    }
+    case T::kString: {
+      if (!k.choices.empty() &&
+          std::find(k.choices.begin(), k.choices.end(), text) == k.choices.end())
+        config_error(where, cat("key '", k.key, "' = '", text, "' is not one of ", range_text(k)));
+      return text;
+    }
+  }
+  return text;
+}
+
+// Flattens a YAML mapping into dotted keys, keeping each scalar's line for errors.
+void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source,
+             std::vector<std::tuple<std::string, std::string, std::string>>& out) {
+  for (auto it = node.begin(); it != node.end(); ++it) {
+    std::string name = it->first.as<std::string>();
+    std::string key = prefix.empty() ? name : prefix + "." + name;
+    const YAML::Node& v = it->second;
+    std::string where = cat(source, ":", it->first.Mark().line + 1);
+    if (v.IsMap()) {
+      flatten(v, key, source, out);
+    } else if (v.IsScalar()) {
+      out.emplace_back(key, v.Scalar(), where);
+    } else if (v.IsNull()) {
+      out.emplace_back(key, "", where);
+    } else {
+      const ConfigKey* k = find_config_key(key);
+      if (!k) config_error(where, cat("unknown key '", key, "'", suggestion(key)));
+      config_error(where,
+                   cat("key '", key, "' expects ", config_type_name(k->type), ", got a list"));
+    }
+  }
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& config_schema() {
+  return kSchema;
+}
+
+const ConfigKey* find_config_key(const std::string& key) {
+  for (const auto& k : kSchema)
+    if (k.key == key) return &k;
+  return nullptr;
+}
+
+const char* config_type_name(ConfigType type) {
+  switch (type) {
+    case T::kInt:
+      return "an integer";
+    case T::kFloat:
+      return "a number";
+    case T::kBool:
+      return "true or false";
+    case T::kString:
+      return "a string";
+  }
+  return "?";
+}
+
+Config::Config() {
+  for (const auto& k : kSchema)
+    values_[k.key] = Entry{parse_value(k, k.default_value, "schema default"), "default"};
+}
+
+void Config::assign(const std::string& key, const std::string& text, const std::string& where) {
+  const ConfigKey* k = find_config_key(key);
+  if (!k) config_error(where, cat("unknown key '", key, "'", suggestion(key)));
+  values_[key] = Entry{parse_value(*k, text, where), where};
+}
+
+Config Config::parse(const std::string& yaml_text, const std::string& source) {
+  Config c;
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    config_error(cat(source, ":", e.mark.line + 1), cat("malformed YAML: ", e.msg));
+  }
+  if (root.IsNull()) return c;  // an empty file means all defaults
+  if (!root.IsMap()) config_error(source, "the top level must be a mapping of keys");
+  std::vector<std::tuple<std::string, std::string, std::string>> items;
+  flatten(root, "", source, items);
+  for (const auto& [key, text, where] : items) c.assign(key, text, where);
+  return c;
+}
+
+Config Config::load(const std::string& path, const std::vector<std::string>& overrides) {
+  Config c;
+  if (!path.empty()) {
+    std::ifstream in(path);
+    if (!in) throw Error(ErrorKind::kConfig, cat(path, ": cannot open config file"));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    c = parse(ss.str(), path);
+  }
+  for (const auto& o : overrides) c.set(o);
+  return c;
+}
+
+void Config::set(const std::string& assignment, const std::string& source) {
+  size_t eq = assignment.find('=');
+  if (eq == std::string::npos)
+    config_error(source, cat("'", assignment, "' is not of the form key=value"));
+  std::string key = trim(assignment.substr(0, eq));
+  std::string value = assignment.substr(eq + 1);
+  // Accept YAML quoting in overrides: --set data.path="a b.h5".
+  std::string t = trim(value);
+  if (t.size() >= 2 && (t.front() == '"' || t.front() == '\'') && t.back() == t.front())
+    value = t.substr(1, t.size() - 2);
+  assign(key, value, source);
+}
+
+const Config::Entry& Config::entry(const std::string& key, ConfigType type) const {
+  auto it = values_.find(key);
+  MOE_CHECK(it != values_.end(), "config key '", key, "' is not in the schema");
+  MOE_CHECK(find_config_key(key)->type == type, "config key '", key, "' read as ",
+            config_type_name(type));
+  return it->second;
+}
+
+int64_t Config::get_int(const std::string& key) const {
+  return std::get<int64_t>(entry(key, T::kInt).value);
+}
+double Config::get_float(const std::string& key) const {
+  return std::get<double>(entry(key, T::kFloat).value);
+}
+bool Config::get_bool(const std::string& key) const {
+  return std::get<bool>(entry(key, T::kBool).value);
+}
+const std::string& Config::get_string(const std::string& key) const {
+  return std::get<std::string>(entry(key, T::kString).value);
+}
+const std::string& Config::origin(const std::string& key) const {
+  auto it = values_.find(key);
+  MOE_CHECK(it != values_.end(), "config key '", key, "' is not in the schema");
+  return it->second.origin;
+}
+
+std::string Config::to_yaml() const {
+  std::ostringstream os;
+  std::string section;
+  for (const auto& k : kSchema) {
+    // Keys are "a.b" or "a.b.c": print nested sections with two-space indents.
+    std::vector<std::string> parts;
+    std::stringstream ss(k.key);
+    for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
+    std::string sec = k.key.substr(0, k.key.rfind('.'));
+    if (sec != section) {
+      // Open the sections that differ from the previous key's.
+      std::vector<std::string> old;
+      std::stringstream so(section);
+      for (std::string p; std::getline(so, p, '.');) old.push_back(p);
+      size_t common = 0;
+      while (common < old.size() && common + 1 < parts.size() && old[common] == parts[common])
+        ++common;
+      for (size_t i = common; i + 1 < parts.size(); ++i)
+        os << std::string(2 * i, ' ') << parts[i] << ":\n";
+      section = sec;
+    }
+    const Entry& e = values_.at(k.key);
+    os << std::string(2 * (parts.size() - 1), ' ') << parts.back() << ": " << format_value(e.value);
+    if (e.origin != "default") os << "  # " << e.origin;
+    os << "\n";
+  }
+  return os.str();
+}
+
+std::string config_schema_markdown() {
+  std::ostringstream os;
+  os << "| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n";
+  for (const auto& k : kSchema) {
+    const char* type = k.type == T::kInt     ? "int"
+                       : k.type == T::kFloat ? "float"
+                       : k.type == T::kBool  ? "bool"
+                                             : "string";
+    os << "| `" << k.key << "` | " << type << " | `" << k.default_value << "` | " << range_text(k)
+       << " | " << k.doc << " |\n";
+  }
+  return os.str();
+}
+
+}  // namespace moe

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs every system package the project needs on Debian 12, idempotently.
+# Runs as root (apt-get); as another user it uses sudo when available.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake pkg-config git clang-format
+  openmpi-bin libopenmpi-dev
+  libblis-openmp-dev
+  libhdf5-dev hdf5-tools
+  libyaml-cpp-dev
+  libgtest-dev libgmock-dev
+  nlohmann-json3-dev
+  libsentencepiece-dev sentencepiece
+  bible-kjv-text bible-kjv
+  fortunes fortunes-min
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "install-deps: error: missing packages (${missing[*]}) and not root; install them or run as root" >&2
+    exit 1
+  fi
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q -o DPkg::Lock::Timeout=600
+$SUDO apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}"
