@@ -384,8 +384,18 @@ std::string config_schema_markdown() {
                        : k.type == T::kFloat ? "float"
                        : k.type == T::kBool  ? "bool"
                                              : "string";
-    os << "| `" << k.key << "` | " << type << " | `" << k.default_value << "` | " << range_text(k)
-       << " | " << k.doc << " |\n";
+    // Pipes inside a cell must be escaped in Markdown.
+    auto escape = [](const std::string& cell) {
+      std::string out;
+      for (char c : cell) {
+        if (c == '|') out += '\\';
+        out += c;
+      }
+      return out;
+    };
+    std::string allowed = escape(range_text(k)), doc = escape(k.doc);
+    os << "| `" << k.key << "` | " << type << " | `" << k.default_value << "` | " << allowed
+       << " | " << doc << " |\n";
   }
   return os.str();
 }

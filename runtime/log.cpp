@@ -97,7 +97,7 @@ MetricsWriter::MetricsWriter(const std::string& path, bool enabled) {
 
 void MetricsWriter::write(const nlohmann::json& record) {
   if (!out_) return;
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(*mutex_);
   *out_ << record.dump() << '\n';
   out_->flush();
 }

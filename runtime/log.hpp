@@ -71,7 +71,7 @@ class MetricsWriter {
 
  private:
   std::unique_ptr<std::ofstream> out_;
-  std::mutex mutex_;
+  std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();  // movable writer
 };
 
 }  // namespace moe

@@ -10,7 +10,7 @@ PACKAGES=(
   libhdf5-dev hdf5-tools
   libyaml-cpp-dev
   libgtest-dev libgmock-dev
-  nlohmann-json3-dev
+  nlohmann-json3-dev libcli11-dev python3-h5py
   libsentencepiece-dev sentencepiece
   bible-kjv-text bible-kjv
   fortunes fortunes-min
