@@ -1,0 +1,102 @@
+// File: exchange.hpp — the All2All data movement of an MoE layer, given a DispatchPlan.
+//
+// Notation as in plan.hpp: T tokens, k slots per token, d width, R received rows.
+//
+//   dispatch:  x [T, d]  ->  expert_in [R, d]   rows grouped by local expert (plan.recv_offsets)
+//   combine:   expert_out [R, d]  ->  slot_out [T*k, d]  (the rows come home, one per slot;
+//              dropped/empty slots are zero)
+// The weighted sum y_t = sum_j w_tj * slot_out[t*k + j] is local and lives in the MoE layer,
+// which also keeps slot_out for the router's backward (dL/dw_tj = <dy_t, slot_out[t*k+j]>).
+//
+// Backward uses the same two movements in the other direction:
+//   dispatch^T = combine_rows(d expert_in) summed per token   (dx_t = sum_j d slot_in[t*k + j])
+//   combine^T  = dispatch_rows(d slot_out)                     (w-scaled dy per slot)
+// so the exchange offers the two primitive row movements on slots:
+//   send_rows:  slot rows [T*k, d] (or token rows [T, d] with k-fold fan-out) -> [R, d]
+//   return_rows: [R, d] -> slot rows [T*k, d]
+// All calls are collective over the plan's communicator: every rank calls them in the same
+// order, including ranks that send or receive nothing. MPI counts are in rows (an MPI datatype of
+// d contiguous floats), so rows * d may exceed INT_MAX; more than INT_MAX rows to or from one
+// rank is rejected with an Error(kComm) naming the exchange, never truncated.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "comm/communicator.hpp"
+#include "comm/plan.hpp"
+#include "runtime/tensor.hpp"
+
+namespace moe::comm {
+
+enum class ExchangeAlgorithm { kFlat /* one MPI_Alltoallv */, kChunked /* Ialltoallv pieces */ };
+
+struct ExchangeStats {
+  int64_t bytes_sent = 0;      // payload bytes this rank sent (excluding to itself), cumulative
+  int64_t bytes_received = 0;  // cumulative
+  double seconds = 0.0;        // wall time inside exchange calls, cumulative
+};
+
+class Exchange {
+ public:
+  explicit Exchange(const Communicator& comm, std::string name = "moe");
+  ~Exchange();
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+  // Movable while nothing is in flight (so layers holding one stay movable).
+  Exchange(Exchange&& other) noexcept;
+
+  // Token rows x [T, d] -> expert-grouped rows out [R, d]: each kept slot (t, j) sends row x_t.
+  void dispatch(const DispatchPlan& plan, ConstView x, View out);
+  // Slot rows s [T*k, d] -> expert-grouped rows out [R, d]: each kept slot sends its own row.
+  // (combine^T: s is the weight-scaled output gradient per slot.)
+  void dispatch_slots(const DispatchPlan& plan, ConstView s, View out);
+  // Expert-grouped rows y [R, d] -> slot rows out [T*k, d]; empty or dropped slots get zeros.
+  void combine(const DispatchPlan& plan, ConstView y, View out);
+
+  // Non-blocking form used by the pipelined MoE layer: start a movement, do other work, wait.
+  // At most one dispatch and one combine of each Exchange may be in flight at a time (they use
+  // separate buffers, so a dispatch and a combine may overlap). The input view is packed by
+  // start and may be reused at once; the plan must stay alive until wait. Results are bitwise
+  // equal to the blocking calls. start and wait are both collective (in the same order on
+  // every rank).
+  void dispatch_start(const DispatchPlan& plan, ConstView x);
+  void dispatch_slots_start(const DispatchPlan& plan, ConstView s);
+  void dispatch_wait(const DispatchPlan& plan, View out);
+  void combine_start(const DispatchPlan& plan, ConstView y);
+  void combine_wait(const DispatchPlan& plan, View out);
+
+  const ExchangeStats& stats() const { return stats_; }
+  const Communicator& comm() const { return comm_; }
+
+ private:
+  // One direction's reusable buffers and in-flight state. Rows for this rank itself never go
+  // through MPI: they are copied directly (blocking) or through the receive buffer (start/wait).
+  struct Movement {
+    Tensor send, recv;  // >= [rows, d] packed rows in raw (by-rank) order; grown, never shrunk
+    std::vector<int> sc, sd, rc, rd;  // [P] MPI counts / displacements, in rows
+    MPI_Request request = MPI_REQUEST_NULL;
+    const DispatchPlan* plan = nullptr;  // set while in flight
+    int64_t d = 0;
+    int64_t pending_bytes = 0;
+  };
+  void forward_start(Movement& m, const DispatchPlan& plan, ConstView src, bool by_slot,
+                     bool direct_self, View out);
+  void forward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv);
+  void backward_start(Movement& m, const DispatchPlan& plan, ConstView y, bool direct_self,
+                      View out);
+  void backward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv);
+  void set_counts(Movement& m, const std::vector<int64_t>& send_counts,
+                  const std::vector<int64_t>& send_displs, const std::vector<int64_t>& recv_counts,
+                  const std::vector<int64_t>& recv_displs, const char* what);
+  MPI_Datatype row_type(int64_t d);
+
+  const Communicator& comm_;
+  std::string name_;
+  ExchangeStats stats_;
+  Movement dispatch_, combine_;
+  MPI_Datatype row_type_ = MPI_DATATYPE_NULL;  // d contiguous floats: counts are rows
+  int64_t row_type_d_ = 0;
+};
+
+}  // namespace moe::comm

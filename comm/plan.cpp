@@ -1,0 +1,242 @@
+#include "comm/plan.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "runtime/error.hpp"
+
+namespace moe::comm {
+
+namespace {
+
+// One candidate slot as its owner sees it in capacity mode: enough to rank it globally.
+struct SlotMeta {
+  float weight;
+  int32_t local_expert;
+  int64_t global_slot;  // global token index * k + slot: the tie-break, rank-count independent
+};
+static_assert(sizeof(SlotMeta) == 16, "SlotMeta travels as 16 raw bytes");
+
+// A committed MPI datatype freed on scope exit.
+class ScopedType {
+ public:
+  ScopedType(int bytes, const char* what) {
+    MOE_MPI_CHECK(MPI_Type_contiguous(bytes, MPI_BYTE, &type_), what);
+    MOE_MPI_CHECK(MPI_Type_commit(&type_), what);
+  }
+  ~ScopedType() { MPI_Type_free(&type_); }
+  ScopedType(const ScopedType&) = delete;
+  ScopedType& operator=(const ScopedType&) = delete;
+  MPI_Datatype get() const { return type_; }
+
+ private:
+  MPI_Datatype type_ = MPI_DATATYPE_NULL;
+};
+
+// int copies of int64 counts for MPI; throws Error(kComm) naming `what` if one does not fit.
+void to_int(const std::vector<int64_t>& in, std::vector<int>& out, const char* what) {
+  out.resize(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (in[i] > kMaxMpiCount)
+      throw Error(ErrorKind::kComm, cat(what, ": count or displacement ", in[i],
+                                        " exceeds the MPI int limit ", kMaxMpiCount));
+    out[i] = static_cast<int>(in[i]);
+  }
+}
+
+void prefix(const std::vector<int64_t>& counts, std::vector<int64_t>& displs) {
+  displs.assign(counts.size(), 0);
+  for (size_t i = 1; i < counts.size(); ++i) displs[i] = displs[i - 1] + counts[i - 1];
+}
+
+// Alltoallv of `type` elements with int64 counts (elements of `type`). Collective.
+void alltoallv(const void* send, const std::vector<int64_t>& scounts, void* recv,
+               const std::vector<int64_t>& rcounts, MPI_Datatype type, const Communicator& comm,
+               const char* what) {
+  std::vector<int64_t> sdispl, rdispl;
+  prefix(scounts, sdispl);
+  prefix(rcounts, rdispl);
+  std::vector<int> sc, sd, rc, rd;
+  to_int(scounts, sc, what);
+  to_int(sdispl, sd, what);
+  to_int(rcounts, rc, what);
+  to_int(rdispl, rd, what);
+  MOE_MPI_CHECK(
+      MPI_Alltoallv(send, sc.data(), sd.data(), type, recv, rc.data(), rd.data(), type, comm.raw()),
+      what);
+}
+
+double max_over_mean(const std::vector<int64_t>& v) {
+  if (v.empty()) return 0.0;
+  const int64_t total = std::accumulate(v.begin(), v.end(), int64_t{0});
+  if (total == 0) return 0.0;  // nothing routed: no imbalance to report
+  const int64_t mx = *std::max_element(v.begin(), v.end());
+  return double(mx) * double(v.size()) / double(total);
+}
+
+}  // namespace
+
+DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlacement& placement,
+                                 const PlanOptions& options, const Communicator& comm) {
+  const int P = comm.size(), me = comm.rank();
+  const int E = placement.n_experts();
+  if (placement.n_ranks() != P)
+    throw Error(ErrorKind::kConfig, cat("dispatch plan: placement is for ", placement.n_ranks(),
+                                        " ranks, communicator has ", P));
+  const int64_t T = routing.n_tokens;
+  const int k = routing.k;
+  const int64_t S = T * k;
+
+  // Validate locally, agree globally, so a bad routing fails on every rank alike.
+  std::string bad;
+  if (T < 0 || k < 0 || (S > 0 && (!routing.expert || !routing.weight)))
+    bad = cat("dispatch plan: bad routing view (T = ", T, ", k = ", k, ")");
+  for (int64_t s = 0; bad.empty() && s < S; ++s)
+    if (routing.expert[s] < -1 || routing.expert[s] >= E)
+      bad = cat("dispatch plan: token ", s / k, " slot ", s % k, " routes to expert ",
+                routing.expert[s], ", outside [-1, ", E, ")");
+  comm.agree(bad, ErrorKind::kInternal, "dispatch plan: validate routing");
+
+  DispatchPlan plan;
+  plan.n_tokens_ = T;
+  plan.k_ = k;
+
+  // Experts in (owner rank, local slot) order: ordinal[e], and each rank's first ordinal.
+  std::vector<int64_t> rank_first(static_cast<size_t>(P) + 1, 0);
+  for (int r = 0; r < P; ++r) rank_first[r + 1] = rank_first[r] + placement.n_local(r);
+  std::vector<int> ordinal(static_cast<size_t>(E));
+  for (int e = 0; e < E; ++e) ordinal[e] = int(rank_first[placement.owner(e)]) + placement.slot(e);
+  int max_local = 0;
+  for (int r = 0; r < P; ++r) max_local = std::max(max_local, placement.n_local(r));
+
+  // Counting sort of the non-empty slots by ordinal; stable, so (token, slot) order within.
+  std::vector<int64_t> bucket(static_cast<size_t>(E) + 1, 0);
+  for (int64_t s = 0; s < S; ++s)
+    if (routing.expert[s] >= 0) ++bucket[ordinal[routing.expert[s]] + 1];
+  for (int o = 0; o < E; ++o) bucket[o + 1] += bucket[o];
+  const int64_t n_cand = bucket[E];
+  std::vector<int64_t> cand(static_cast<size_t>(n_cand));
+  {
+    std::vector<int64_t> fill(bucket.begin(), bucket.end() - 1);
+    for (int64_t s = 0; s < S; ++s)
+      if (routing.expert[s] >= 0) cand[fill[ordinal[routing.expert[s]]]++] = s;
+  }
+  std::vector<int64_t> cand_per_rank(static_cast<size_t>(P));
+  for (int r = 0; r < P; ++r) cand_per_rank[r] = bucket[rank_first[r + 1]] - bucket[rank_first[r]];
+
+  // Capacity mode: every owner ranks all candidate slots of its experts over the global batch.
+  std::vector<uint8_t> cand_kept(static_cast<size_t>(n_cand), 1);
+  if (options.capacity_factor > 0.0) {
+    std::vector<int64_t> all_T = comm.allgather<int64_t>(T, "dispatch plan: gather T");
+    int64_t T_global = 0;
+    for (int r = 0; r < P; ++r) {
+      if (r == me) plan.token_offset_ = T_global;
+      T_global += all_T[r];
+    }
+    plan.capacity_ = static_cast<int64_t>(
+        std::ceil(options.capacity_factor * double(k) * double(T_global) / double(E)));
+
+    std::vector<SlotMeta> meta(static_cast<size_t>(n_cand));
+    for (int64_t i = 0; i < n_cand; ++i) {
+      const int64_t s = cand[i];
+      meta[i] = {routing.weight[s], placement.slot(routing.expert[s]),
+                 (plan.token_offset_ + s / k) * k + s % k};
+    }
+    std::vector<int64_t> meta_recv_counts(static_cast<size_t>(P));
+    MOE_MPI_CHECK(MPI_Alltoall(cand_per_rank.data(), 1, MPI_INT64_T, meta_recv_counts.data(), 1,
+                               MPI_INT64_T, comm.raw()),
+                  "dispatch plan: capacity counts");
+    const int64_t n_meta =
+        std::accumulate(meta_recv_counts.begin(), meta_recv_counts.end(), int64_t{0});
+    std::vector<SlotMeta> owned(static_cast<size_t>(n_meta));
+    ScopedType meta_type(sizeof(SlotMeta), "dispatch plan: slot metadata type");
+    alltoallv(meta.data(), cand_per_rank, owned.data(), meta_recv_counts, meta_type.get(), comm,
+              "dispatch plan: capacity metadata");
+
+    // Rank by (local expert, weight descending, global slot ascending); keep the first
+    // `capacity` of each expert. NaN weights rank last.
+    std::vector<int64_t> idx(static_cast<size_t>(n_meta));
+    std::iota(idx.begin(), idx.end(), int64_t{0});
+    auto key_w = [](float w) { return std::isnan(w) ? -INFINITY : w; };
+    std::sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
+      const SlotMeta &x = owned[a], &y = owned[b];
+      if (x.local_expert != y.local_expert) return x.local_expert < y.local_expert;
+      const float wx = key_w(x.weight), wy = key_w(y.weight);
+      if (wx != wy) return wx > wy;
+      return x.global_slot < y.global_slot;
+    });
+    std::vector<uint8_t> keep(static_cast<size_t>(n_meta), 0);
+    for (int64_t i = 0, rank_in_expert = 0; i < n_meta; ++i) {
+      if (i > 0 && owned[idx[i]].local_expert != owned[idx[i - 1]].local_expert) rank_in_expert = 0;
+      keep[idx[i]] = rank_in_expert++ < plan.capacity_ ? 1 : 0;
+    }
+    alltoallv(keep.data(), meta_recv_counts, cand_kept.data(), cand_per_rank, MPI_UINT8_T, comm,
+              "dispatch plan: capacity keep mask");
+  }
+
+  // Kept slots, per (destination rank, local expert) counts, and the kept mask per slot.
+  plan.kept_.assign(static_cast<size_t>(S), 0);
+  plan.send_slot_.reserve(static_cast<size_t>(n_cand));
+  std::vector<int64_t> send_cnt(static_cast<size_t>(P) * max_local, 0);  // [P][max_local]
+  std::vector<int64_t> expert_kept(static_cast<size_t>(E) + 2, 0);       // [E] + slots, dropped
+  for (int64_t i = 0; i < n_cand; ++i) {
+    const int64_t s = cand[i];
+    const int e = routing.expert[s];
+    if (!cand_kept[i]) continue;
+    plan.kept_[s] = 1;
+    plan.send_slot_.push_back(s);
+    ++send_cnt[size_t(placement.owner(e)) * max_local + placement.slot(e)];
+    ++expert_kept[e];
+  }
+  expert_kept[E] = n_cand;
+  expert_kept[E + 1] = n_cand - plan.n_send();
+
+  std::vector<int64_t> recv_cnt(send_cnt.size(), 0);  // [P][max_local]: source q, my expert e
+  MOE_MPI_CHECK(MPI_Alltoall(send_cnt.data(), max_local, MPI_INT64_T, recv_cnt.data(), max_local,
+                             MPI_INT64_T, comm.raw()),
+                "dispatch plan: exchange counts");
+
+  plan.send_counts_.assign(static_cast<size_t>(P), 0);
+  plan.recv_counts_.assign(static_cast<size_t>(P), 0);
+  for (int q = 0; q < P; ++q)
+    for (int e = 0; e < max_local; ++e) {
+      plan.send_counts_[q] += send_cnt[size_t(q) * max_local + e];
+      plan.recv_counts_[q] += recv_cnt[size_t(q) * max_local + e];
+    }
+  prefix(plan.send_counts_, plan.send_displs_);
+  prefix(plan.recv_counts_, plan.recv_displs_);
+
+  // Regroup: expert-grouped order is (local expert, source rank, token, slot).
+  const int n_local = placement.n_local(me);
+  plan.recv_offsets_.assign(static_cast<size_t>(n_local) + 1, 0);
+  int64_t n_recv = 0;
+  for (int e = 0; e < n_local; ++e) {
+    for (int q = 0; q < P; ++q) {
+      const int64_t n = recv_cnt[size_t(q) * max_local + e];
+      if (n == 0) continue;
+      int64_t raw = plan.recv_displs_[q];
+      for (int e2 = 0; e2 < e; ++e2) raw += recv_cnt[size_t(q) * max_local + e2];
+      plan.recv_blocks_.push_back({n_recv, raw, n, q});
+      n_recv += n;
+    }
+    plan.recv_offsets_[e + 1] = n_recv;
+  }
+  plan.recv_order_.resize(static_cast<size_t>(n_recv));
+  for (const RowBlock& b : plan.recv_blocks_)
+    for (int64_t i = 0; i < b.rows; ++i) plan.recv_order_[b.grouped + i] = b.raw + i;
+
+  // Global load statistics: one all-reduce of [E] kept counts + slots routed + slots dropped.
+  comm.allreduce_sum(expert_kept.data(), int64_t(expert_kept.size()), "dispatch plan: load stats");
+  LoadStats& st = plan.stats_;
+  st.expert_tokens.assign(expert_kept.begin(), expert_kept.begin() + E);
+  st.rank_tokens.assign(static_cast<size_t>(P), 0);
+  for (int e = 0; e < E; ++e) st.rank_tokens[placement.owner(e)] += st.expert_tokens[e];
+  st.slots_total = expert_kept[E];
+  st.slots_dropped = expert_kept[E + 1];
+  st.expert_imbalance = max_over_mean(st.expert_tokens);
+  st.rank_imbalance = max_over_mean(st.rank_tokens);
+  return plan;
+}
+
+}  // namespace moe::comm
