@@ -75,7 +75,7 @@ const std::vector<ConfigKey> kSchema = {
      1 << 24,
      {},
      "vocabulary size; 0 = take it from the data file"},
-    {"model.seq_len",
+    {"train.seq_len",
      T::kInt,
      "256",
      1,

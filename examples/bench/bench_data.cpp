@@ -1,6 +1,6 @@
 // moe-bench data: TokenDataset batch read throughput (random windows of seq_len + 1 tokens).
-// Reads its settings from the config (data.path, data.split, model.seq_len, train.global_batch,
-// train.seed): `moe-bench data --config cfg.yaml --set model.seq_len=512 [--json]`.
+// Reads its settings from the config (data.path, data.split, train.seq_len, train.global_batch,
+// train.seed): `moe-bench data --config cfg.yaml --set train.seq_len=512 [--json]`.
 // Under mpirun each rank reads its share of every global batch; the table shows per-rank and
 // aggregate tokens/s.
 #include <cstdio>
@@ -19,7 +19,7 @@ int bench_data(const std::vector<std::string>& argv) {
   Args args(rest);
   comm::Communicator world = comm::Communicator::world();
   Run run = start_run(config, world.rank(), world.size(), "moe-bench data");
-  const int64_t seq_len = config.get_int("model.seq_len");
+  const int64_t seq_len = config.get_int("train.seq_len");
   const int64_t global_batch = config.get_int("train.global_batch");
   const uint64_t seed = static_cast<uint64_t>(config.get_int("train.seed"));
 

@@ -31,34 +31,34 @@ void expect_config_error(F f, std::initializer_list<const char*> fragments) {
 
 TEST(Config, DefaultsComeFromTheSchema) {
   Config c;
-  EXPECT_EQ(c.get_int("model.seq_len"), 256);
+  EXPECT_EQ(c.get_int("train.seq_len"), 256);
   EXPECT_EQ(c.get_string("log.level"), "info");
-  EXPECT_EQ(c.origin("model.seq_len"), "default");
+  EXPECT_EQ(c.origin("train.seq_len"), "default");
   for (const auto& k : moe::config_schema()) EXPECT_FALSE(k.doc.empty()) << k.key;
 }
 
 TEST(Config, NestedAndDottedKeysAreTheSame) {
-  Config a = Config::parse("model:\n  seq_len: 64\ntrain:\n  micro_batch: 2\n", "a.yaml");
-  Config b = Config::parse("model.seq_len: 64\ntrain.micro_batch: 2\n", "b.yaml");
-  EXPECT_EQ(a.get_int("model.seq_len"), 64);
-  EXPECT_EQ(b.get_int("model.seq_len"), 64);
-  EXPECT_EQ(a.origin("model.seq_len"), "a.yaml:2");
+  Config a = Config::parse("train:\n  seq_len: 64\n  micro_batch: 2\n", "a.yaml");
+  Config b = Config::parse("train.seq_len: 64\ntrain.micro_batch: 2\n", "b.yaml");
+  EXPECT_EQ(a.get_int("train.seq_len"), 64);
+  EXPECT_EQ(b.get_int("train.seq_len"), 64);
+  EXPECT_EQ(a.origin("train.seq_len"), "a.yaml:2");
   EXPECT_EQ(b.get_int("train.micro_batch"), 2);
 }
 
 TEST(Config, OverridesApplyAfterTheFile) {
-  Config c = Config::parse("model:\n  seq_len: 64\n", "a.yaml");
-  c.set("model.seq_len=128");
+  Config c = Config::parse("train:\n  seq_len: 64\n", "a.yaml");
+  c.set("train.seq_len=128");
   c.set("data.path=\"my data.h5\"");
-  EXPECT_EQ(c.get_int("model.seq_len"), 128);
-  EXPECT_EQ(c.origin("model.seq_len"), "--set");
+  EXPECT_EQ(c.get_int("train.seq_len"), 128);
+  EXPECT_EQ(c.origin("train.seq_len"), "--set");
   EXPECT_EQ(c.get_string("data.path"), "my data.h5");
 }
 
 TEST(Config, UnknownKeyNamesFileLineKeyAndSuggestion) {
   expect_config_error(
-      [] { Config::parse("model:\n  seq_len: 64\n  seq_lne: 3\n", "cfg.yaml"); },
-      {"cfg.yaml:3", "unknown key 'model.seq_lne'", "did you mean 'model.seq_len'"});
+      [] { Config::parse("train:\n  seq_len: 64\n  seq_lne: 3\n", "cfg.yaml"); },
+      {"cfg.yaml:3", "unknown key 'train.seq_lne'", "did you mean 'train.seq_len'"});
 }
 
 TEST(Config, WrongTypeNamesKeyAndExpectation) {
@@ -68,7 +68,7 @@ TEST(Config, WrongTypeNamesKeyAndExpectation) {
                       {"expects an integer"});
   expect_config_error([] { Config::parse("run.metrics: maybe\n", "cfg.yaml"); },
                       {"'run.metrics' expects true or false"});
-  expect_config_error([] { Config::parse("model:\n  seq_len: [1, 2]\n", "cfg.yaml"); },
+  expect_config_error([] { Config::parse("train:\n  seq_len: [1, 2]\n", "cfg.yaml"); },
                       {"cfg.yaml:2", "got a list"});
 }
 
@@ -82,18 +82,18 @@ TEST(Config, OutOfRangeAndBadChoice) {
 TEST(Config, OverrideErrorsNameTheFlag) {
   Config c;
   expect_config_error([&] { c.set("model.d_modle=3"); }, {"--set", "unknown key 'model.d_modle'"});
-  expect_config_error([&] { c.set("model.seq_len"); }, {"not of the form key=value"});
+  expect_config_error([&] { c.set("train.seq_len"); }, {"not of the form key=value"});
 }
 
 TEST(Config, MalformedYamlAndMissingFile) {
-  expect_config_error([] { Config::parse("model: {seq_len: 3\n", "bad.yaml"); },
+  expect_config_error([] { Config::parse("train: {seq_len: 3\n", "bad.yaml"); },
                       {"bad.yaml:", "malformed YAML"});
   expect_config_error([] { Config::load("/nonexistent/cfg.yaml"); },
                       {"/nonexistent/cfg.yaml", "cannot open"});
 }
 
 TEST(Config, ResolvedYamlRoundTrips) {
-  Config c = Config::parse("model:\n  seq_len: 77\ndata.path: x.h5\n", "a.yaml");
+  Config c = Config::parse("train:\n  seq_len: 77\ndata.path: x.h5\n", "a.yaml");
   std::string text = c.to_yaml();
   EXPECT_NE(text.find("seq_len: 77  # a.yaml:2"), std::string::npos) << text;
   Config d = Config::parse(text, "resolved.yaml");
