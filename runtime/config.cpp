@@ -52,7 +52,7 @@ const std::vector<ConfigKey> kSchema = {
      0,
      1024,
      {},
-     "OpenMP threads per rank; 0 = OMP_NUM_THREADS, else all cores"},
+     "OpenMP threads per rank; 0 = OMP_NUM_THREADS, else the node's cores / ranks on the node"},
     {"runtime.blis_threads",
      T::kInt,
      "0",

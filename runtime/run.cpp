@@ -1,5 +1,7 @@
 #include "runtime/run.hpp"
 
+#include <mpi.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -11,7 +13,16 @@ Run start_run(const Config& config, int rank, int world_size, const std::string&
   run.dir = config.get_string("run.dir");
   run.threads.omp_threads = static_cast<int>(config.get_int("runtime.omp_threads"));
   run.threads.blis_threads = static_cast<int>(config.get_int("runtime.blis_threads"));
-  run.threads.apply();
+  // Ranks sharing this node's cores split them (collective over MPI_COMM_WORLD when MPI runs).
+  int ranks_on_node = 1, initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized) {
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+    MPI_Comm_size(node, &ranks_on_node);
+    MPI_Comm_free(&node);
+  }
+  run.threads.apply(ranks_on_node);
   if (rank == 0) {
     std::error_code ec;
     std::filesystem::create_directories(run.dir, ec);

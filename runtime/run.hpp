@@ -21,6 +21,7 @@ struct Run {
   MetricsWriter metrics;  // open on rank 0 when run.metrics is true
 };
 
+// Collective over MPI_COMM_WORLD when MPI is initialised (finds the ranks sharing the node).
 Run start_run(const Config& config, int rank, int world_size, const std::string& program);
 
 // Parses "--config FILE" and repeated "--set key=value" from argv (other arguments are left

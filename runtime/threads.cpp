@@ -15,11 +15,12 @@ ThreadPolicy g_policy{1, 1};
 bool g_applied = false;
 }  // namespace
 
-void ThreadPolicy::apply() {
+void ThreadPolicy::apply(int ranks_on_node) {
   if (omp_threads <= 0) {
     const char* env = std::getenv("OMP_NUM_THREADS");
     int n = env ? std::atoi(env) : 0;
-    omp_threads = n > 0 ? n : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    omp_threads = n > 0 ? n : std::max(1, cores / std::max(1, ranks_on_node));
   }
   if (blis_threads <= 0) blis_threads = omp_threads;
   omp_set_num_threads(omp_threads);

@@ -1,8 +1,8 @@
 // File: threads.hpp — the thread policy of a rank: OpenMP threads and BLIS threads.
 //
 // Policy (documented in the README):
-//   * runtime.omp_threads (0 = OMP_NUM_THREADS, or all cores of the rank when unset) sets the
-//     OpenMP team used by our own loops (over experts, tokens, heads).
+//   * runtime.omp_threads (0 = OMP_NUM_THREADS, else the node's cores divided by the ranks on
+//     the node) sets the OpenMP team used by our own loops (over experts, tokens, heads).
 //   * runtime.blis_threads (0 = same as omp_threads) sets how many threads one large GEMM uses
 //     when it is called from serial code.
 //   * A GEMM called from inside an OpenMP parallel region (for example one GEMM per expert inside
@@ -15,11 +15,12 @@
 namespace moe {
 
 struct ThreadPolicy {
-  int omp_threads = 0;   // 0: from OMP_NUM_THREADS, else the number of cores
+  int omp_threads = 0;   // 0: from OMP_NUM_THREADS, else cores / ranks_on_node
   int blis_threads = 0;  // 0: same as omp_threads
 
-  // Resolves zeros, sets omp_set_num_threads and BLIS's global thread count.
-  void apply();
+  // Resolves zeros, sets omp_set_num_threads and BLIS's global thread count. ranks_on_node is
+  // how many ranks share this machine's cores (so 2 ranks on 2 cores get 1 thread each).
+  void apply(int ranks_on_node = 1);
   std::string describe() const;
 };
 
