@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "runtime/cpu.hpp"
 #include "runtime/error.hpp"
 
 namespace moe::bench {
@@ -76,38 +77,12 @@ std::vector<int64_t> Args::get_ints(const std::string& name,
   return out;
 }
 
-namespace {
-
-// Seconds per iteration of a loop-carried chain of integer adds: one add per cycle on every
-// x86 core, so iterations / seconds = the clock the core actually runs at.
-double measure_ghz() {
-  const long n = 200'000'000;
-  double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    long x = 0;
-    double t0 = now_s();
-    for (long i = 0; i < n; ++i) {
-      asm volatile("add $1, %0" : "+r"(x));
-    }
-    double t = now_s() - t0;
-    best = std::max(best, n / t / 1e9);
-  }
-  return best;
-}
-
-}  // namespace
-
 nlohmann::json cpu_peak(int cores) {
-  int flops_per_cycle = 8;  // SSE: 4-wide mul + add
-  if (__builtin_cpu_supports("avx")) flops_per_cycle = 16;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) flops_per_cycle = 32;
-  // AMD Zen 4 runs AVX-512 on its two 256-bit FMA pipes: no more FLOP/cycle than AVX2.
-  if (__builtin_cpu_supports("avx512f") && !__builtin_cpu_is("amd")) flops_per_cycle = 64;
-  double ghz = measure_ghz();
-  return {{"cores", cores},
-          {"flops_per_cycle", flops_per_cycle},
-          {"ghz", ghz},
-          {"gflops", cores * flops_per_cycle * ghz}};
+  CpuPeak p = measure_cpu_peak(cores);
+  return {{"cores", p.cores},
+          {"flops_per_cycle", p.flops_per_cycle},
+          {"ghz", p.ghz},
+          {"gflops", p.gflops}};
 }
 
 }  // namespace moe::bench

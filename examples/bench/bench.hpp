@@ -52,10 +52,7 @@ struct Args {
   std::vector<std::string> items;
 };
 
-// This CPU's fp32 peak: cores x FLOP/cycle (from the ISA: FMA units and vector width) x the
-// measured clock (a dependent-add loop, so it sees turbo). --peak-gflops overrides it in the
-// benchmarks. Fields: cores, flops_per_cycle, ghz,
-// gflops.
+// runtime/cpu.hpp's measured fp32 peak as JSON: cores, flops_per_cycle, ghz, gflops.
 nlohmann::json cpu_peak(int cores);
 
 }  // namespace moe::bench

@@ -1,0 +1,277 @@
+#include "model/layers/attention.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "model/buffers.hpp"
+#include "model/layers/activation.hpp"
+#include "runtime/gemm.hpp"
+
+namespace moe::model {
+
+namespace {
+
+constexpr int64_t kColBlock = 16;  // columns per bias-gradient task
+
+// db[j] += sum_i dy[i, j], in row order, parallel over column blocks.
+void add_column_sums(ConstView dy, float* db) {
+  const int64_t n_blocks = (dy.cols + kColBlock - 1) / kColBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t c0 = b * kColBlock, nc = std::min(kColBlock, dy.cols - c0);
+    for (int64_t i = 0; i < dy.rows; ++i) {
+      const float* r = dy.row(i) + c0;
+      for (int64_t j = 0; j < nc; ++j) db[c0 + j] += r[j];
+    }
+  }
+}
+
+// y[i, :] += b for every row.
+void add_bias(View y, const float* b) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < y.rows; ++i) {
+    float* r = y.row(i);
+#pragma omp simd
+    for (int64_t j = 0; j < y.cols; ++j) r[j] += b[j];
+  }
+}
+
+}  // namespace
+
+// --- Rope ---------------------------------------------------------------------------------
+
+Rope::Rope(int64_t d_head, double base) : dh_(d_head), base_(base) {
+  MOE_CHECK(dh_ >= 2 && dh_ % 2 == 0, "rope: head width ", dh_, " must be even");
+  MOE_CHECK(base_ > 1.0, "rope: base ", base_);
+}
+
+void Rope::prepare(int64_t pos0, int64_t n_pos) {
+  if (pos0 == pos0_ && n_pos <= n_pos_) return;
+  const int64_t half = dh_ / 2;
+  View c = scratch(cos_, n_pos, half), s = scratch(sin_, n_pos, half);
+  for (int64_t i = 0; i < half; ++i) {
+    const double inv_freq = std::pow(base_, -2.0 * static_cast<double>(i) / double(dh_));
+    for (int64_t t = 0; t < n_pos; ++t) {
+      const double angle = static_cast<double>(pos0 + t) * inv_freq;
+      c(t, i) = static_cast<float>(std::cos(angle));
+      s(t, i) = static_cast<float>(std::sin(angle));
+    }
+  }
+  pos0_ = pos0;
+  n_pos_ = n_pos;
+}
+
+void Rope::apply(View x) const {
+  MOE_CHECK(x.cols == dh_ && x.rows <= n_pos_, "rope.apply: [", x.rows, ", ", x.cols,
+            "] with tables for ", n_pos_, " positions of width ", dh_);
+  const int64_t half = dh_ / 2;
+  for (int64_t t = 0; t < x.rows; ++t) {
+    float* a = x.row(t);
+    float* b = a + half;
+    const float* c = cos_.data() + t * half;
+    const float* s = sin_.data() + t * half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float ai = a[i], bi = b[i];
+      a[i] = ai * c[i] - bi * s[i];
+      b[i] = ai * s[i] + bi * c[i];
+    }
+  }
+}
+
+void Rope::apply_transpose(View x) const {
+  MOE_CHECK(x.cols == dh_ && x.rows <= n_pos_, "rope.apply_transpose: [", x.rows, ", ", x.cols,
+            "] with tables for ", n_pos_, " positions of width ", dh_);
+  const int64_t half = dh_ / 2;
+  for (int64_t t = 0; t < x.rows; ++t) {
+    float* a = x.row(t);
+    float* b = a + half;
+    const float* c = cos_.data() + t * half;
+    const float* s = sin_.data() + t * half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float ai = a[i], bi = b[i];
+      a[i] = ai * c[i] + bi * s[i];
+      b[i] = -ai * s[i] + bi * c[i];
+    }
+  }
+}
+
+// --- Attention ----------------------------------------------------------------------------
+
+namespace {
+// The head width, after checking that the heads divide d into even widths (RoPE pairs).
+int64_t checked_head_width(const std::string& name, int64_t d, int64_t h) {
+  if (h < 1 || d % h != 0 || (d / h) % 2 != 0)
+    throw Error(ErrorKind::kConfig, cat(name, ": d_model ", d, " must be a multiple of n_heads ", h,
+                                        " with an even head width (RoPE pairs)"));
+  return d / h;
+}
+}  // namespace
+
+Attention::Attention(std::string name, int64_t d_model, const AttentionConfig& config,
+                     uint64_t seed)
+    : name_(std::move(name)),
+      d_(d_model),
+      h_(config.n_heads),
+      dh_(checked_head_width(name_, d_model, config.n_heads)),
+      bias_(config.bias),
+      rope_(dh_, config.rope_base) {
+  w_qkv_ = Tensor({d_, 3 * d_});
+  dw_qkv_ = Tensor({d_, 3 * d_});
+  w_o_ = Tensor({d_, d_});
+  dw_o_ = Tensor({d_, d_});
+  const float bound = 1.0f / std::sqrt(static_cast<float>(d_));
+  init_uniform(w_qkv_.view(), bound, seed, init_stream((name_ + ".w_qkv").c_str(), 0));
+  init_uniform(w_o_.view(), bound, seed, init_stream((name_ + ".w_o").c_str(), 0));
+  if (bias_) {
+    b_qkv_ = Tensor({1, 3 * d_});
+    db_qkv_ = Tensor({1, 3 * d_});
+    b_o_ = Tensor({1, d_});
+    db_o_ = Tensor({1, d_});
+  }
+  dp_.resize(static_cast<size_t>(std::max(1, omp_get_max_threads())));
+}
+
+std::vector<ParamRef> Attention::params() {
+  std::vector<ParamRef> out = {{name_ + ".w_qkv", w_qkv_.view(), dw_qkv_.view()},
+                               {name_ + ".w_o", w_o_.view(), dw_o_.view()}};
+  if (bias_) {
+    out.push_back({name_ + ".b_qkv", b_qkv_.view(), db_qkv_.view()});
+    out.push_back({name_ + ".b_o", b_o_.view(), db_o_.view()});
+  }
+  return out;
+}
+
+void Attention::zero_grad() {
+  dw_qkv_.zero();
+  dw_o_.zero();
+  if (bias_) {
+    db_qkv_.zero();
+    db_o_.zero();
+  }
+}
+
+ConstView Attention::probs(int64_t b, int64_t h) const {
+  MOE_CHECK(b >= 0 && b < n_seq_ && h >= 0 && h < h_, name_, ".probs(", b, ", ", h, ")");
+  return ConstView(probs_.data() + (b * h_ + h) * t_ * t_, t_, t_);
+}
+
+void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
+  MOE_CHECK(n_seq >= 1 && x.rows % n_seq == 0, name_, ".forward: ", x.rows, " rows are not n_seq ",
+            n_seq, " sequences of equal length");
+  const int64_t n = x.rows, T = n / n_seq, d = d_, H = h_, dh = dh_;
+  MOE_CHECK_SHAPE(x, n, d, cat(name_, ".forward x"));
+  MOE_CHECK_SHAPE(y, n, d, cat(name_, ".forward y"));
+  MOE_CHECK(pos0 >= 0, name_, ".forward: pos0 ", pos0);
+  x_ = x;
+  n_seq_ = n_seq;
+  t_ = T;
+  View qkv = scratch(qkv_, n, 3 * d);
+  View att = scratch(att_, n, d);
+  float* probs = scratch(probs_, n_seq * H * T, T).data;
+  rope_.prepare(pos0, T);
+
+  gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
+  if (bias_) add_bias(qkv, b_qkv_.data());
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  const int64_t n_pairs = n_seq * H;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    const int64_t b = p / H, h = p % H;
+    View rows = qkv.row_range(b * T, T);
+    View q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
+    ConstView v = rows.col_range(2 * d + h * dh, dh);
+    rope_.apply(q);
+    rope_.apply(k);
+    View s(probs + p * T * T, T, T);
+    gemm(Trans::kNo, Trans::kYes, scale, q, k, 0.0f, s);
+    // Causal, stable softmax: row t sees columns 0..t; the rest become exact zeros.
+    for (int64_t t = 0; t < T; ++t) {
+      float* r = s.row(t);
+      float m = r[0];
+      for (int64_t j = 1; j <= t; ++j) m = std::max(m, r[j]);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j <= t; ++j) {
+        r[j] = act::exp_approx(r[j] - m);
+        sum += r[j];
+      }
+      const float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t j = 0; j <= t; ++j) r[j] *= inv;
+      for (int64_t j = t + 1; j < T; ++j) r[j] = 0.0f;
+    }
+    gemm(Trans::kNo, Trans::kNo, 1.0f, s, v, 0.0f, att.row_range(b * T, T).col_range(h * dh, dh));
+  }
+
+  gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
+  if (bias_) add_bias(y, b_o_.data());
+}
+
+void Attention::backward(ConstView dy, View dx) {
+  const int64_t n = x_.rows, T = t_, d = d_, H = h_, dh = dh_;
+  MOE_CHECK_SHAPE(dy, n, d, cat(name_, ".backward dy"));
+  MOE_CHECK_SHAPE(dx, n, d, cat(name_, ".backward dx"));
+  ConstView qkv(qkv_.data(), n, 3 * d);
+  ConstView att(att_.data(), n, d);
+  View datt = scratch(datt_, n, d);
+  View dqkv = scratch(dqkv_, n, 3 * d);
+  float* probs = probs_.data();
+  if (dp_.size() < static_cast<size_t>(omp_get_max_threads()))
+    dp_.resize(static_cast<size_t>(omp_get_max_threads()));
+
+  // Output projection: dWo += att^T dy, dbo += colsum(dy), datt = dy Wo^T.
+  gemm(Trans::kYes, Trans::kNo, 1.0f, att, dy, 1.0f, dw_o_.view());
+  if (bias_) add_column_sums(dy, db_o_.data());
+  gemm(Trans::kNo, Trans::kYes, 1.0f, dy, w_o_.view(), 0.0f, datt);
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  const int64_t n_pairs = n_seq_ * H;
+#pragma omp parallel
+  {
+    Tensor& dp_buf = dp_[static_cast<size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < n_pairs; ++p) {
+      const int64_t b = p / H, h = p % H;
+      ConstView rows = qkv.row_range(b * T, T);
+      ConstView q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
+      ConstView v = rows.col_range(2 * d + h * dh, dh);
+      ConstView dout = ConstView(datt).row_range(b * T, T).col_range(h * dh, dh);
+      View drows = dqkv.row_range(b * T, T);
+      View dq = drows.col_range(h * dh, dh), dk = drows.col_range(d + h * dh, dh);
+      View dv = drows.col_range(2 * d + h * dh, dh);
+      View pm(probs + p * T * T, T, T);
+      View dpm = scratch(dp_buf, T, T);
+      // dV = P^T dO;  dP = dO V^T.
+      gemm(Trans::kYes, Trans::kNo, 1.0f, pm, dout, 0.0f, dv);
+      gemm(Trans::kNo, Trans::kYes, 1.0f, dout, v, 0.0f, dpm);
+      // dS = P * (dP - rowsum(P * dP)), in place of P (zero above the diagonal stays zero).
+      for (int64_t t = 0; t < T; ++t) {
+        float* pr = pm.row(t);
+        const float* gr = dpm.row(t);
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j <= t; ++j) dot += pr[j] * gr[j];
+#pragma omp simd
+        for (int64_t j = 0; j <= t; ++j) pr[j] = pr[j] * (gr[j] - dot);
+      }
+      // dq = scale dS k;  dk = scale dS^T q  (both for the rotated q, k), then un-rotate.
+      gemm(Trans::kNo, Trans::kNo, scale, pm, k, 0.0f, dq);
+      gemm(Trans::kYes, Trans::kNo, scale, pm, q, 0.0f, dk);
+      rope_.apply_transpose(dq);
+      rope_.apply_transpose(dk);
+    }
+  }
+
+  // QKV projection: dWqkv += x^T dqkv, dbqkv += colsum(dqkv), dx = dqkv Wqkv^T.
+  gemm(Trans::kYes, Trans::kNo, 1.0f, x_, dqkv, 1.0f, dw_qkv_.view());
+  if (bias_) add_column_sums(dqkv, db_qkv_.data());
+  gemm(Trans::kNo, Trans::kYes, 1.0f, dqkv, w_qkv_.view(), 0.0f, dx);
+}
+
+}  // namespace moe::model

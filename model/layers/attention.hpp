@@ -1,0 +1,115 @@
+// File: attention.hpp — causal multi-head self-attention with RoPE, explicit backward.
+//
+// Notation: B sequences, T positions per sequence, N = B*T tokens on this rank (rows ordered
+// sequence-major: row b*T + t), d model width, H heads, d_h = d/H head width.
+//
+//   qkv = x Wqkv (+ bqkv)                 Wqkv [d, 3d]: columns [q | k | v], head h at h*d_h
+//   q, k <- RoPE(q, k) per head            positions pos0 + t
+//   S = q k^T / sqrt(d_h), masked j > t    per (sequence, head): [T, T]
+//   P = softmax(S) row-wise                (max subtracted first: no overflow for any S)
+//   o = P v                                [T, d_h] into att [N, d] at head h's columns
+//   y = att Wo (+ bo)                      Wo [d, d]
+//
+// RoPE (rotary position embedding, base 10000 by default), the half-split convention: in each
+// head, dimension i < d_h/2 pairs with i + d_h/2 and the pair is rotated by the angle
+// (pos0 + t) * base^(-2i/d_h):  (a, b) -> (a cos - b sin, a sin + b cos). Since a rotation by m
+// and one by n leave the dot product depending only on n - m, scores depend only on relative
+// positions; pos0 (0 in training) lets generation continue a sequence. Angles are computed in
+// double and rounded once, so long positions stay accurate.
+//
+// Cache (what backward needs), kept by forward:
+//   x      [N, d]         borrowed input (must stay valid until backward)
+//   qkv    [N, 3d]        q, k after RoPE, and v
+//   probs  [B*H*T, T]     attention probabilities (zeros above the diagonal)
+//   att    [N, d]         head outputs before Wo
+// i.e. 4 (4 N d + B H T^2) bytes per layer: with B 8, T 256, d 256, H 4 that is 8 MiB of
+// probabilities and 8 MiB of the rest. Storing P rather than recomputing it saves one
+// [T, T, d_h] GEMM and the softmax per head in backward; at these T the probabilities are
+// about as large as the activations, so storing wins. Backward overwrites probs with dS
+// (one backward per forward).
+//
+// Parallelism: the projections are single BLIS GEMMs on all threads (called from serial
+// code); RoPE, scores, softmax and P v run as one OpenMP loop over the B*H (sequence, head)
+// pairs, each with 1-thread GEMMs. Each pair writes only its own rows and columns, so there
+// are no races and results do not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/params.hpp"
+#include "runtime/tensor.hpp"
+
+namespace moe::model {
+
+// Rotary tables for positions [pos0, pos0 + T) of a head of width d_h (even).
+class Rope {
+ public:
+  Rope(int64_t d_head, double base = 10000.0);
+  // Fills the cos/sin tables [T, d_h/2] unless they already hold (pos0, T).
+  void prepare(int64_t pos0, int64_t n_pos);
+  // x [T', d_h] with T' <= T: rows are positions pos0 .. pos0 + T' - 1; rotated in place.
+  void apply(View x) const;
+  // The transpose (inverse) rotation: turns dL/d(rotated) into dL/d(unrotated), in place.
+  void apply_transpose(View x) const;
+  int64_t d_head() const { return dh_; }
+
+ private:
+  int64_t dh_;
+  double base_;
+  int64_t pos0_ = -1, n_pos_ = 0;
+  Tensor cos_, sin_;  // [T, d_h/2]
+};
+
+struct AttentionConfig {
+  int64_t n_heads = 4;
+  bool bias = false;  // biases on the QKV and output projections
+  double rope_base = 10000.0;
+};
+
+class Attention {
+ public:
+  // Wqkv ~ U(-1/sqrt(d), 1/sqrt(d)), Wo ~ U(-1/sqrt(d), 1/sqrt(d)), biases 0, from (seed, name).
+  Attention(std::string name, int64_t d_model, const AttentionConfig& config, uint64_t seed);
+
+  // x [N, d] with N = n_seq * T -> y [N, d] (y must not alias x). Local; OpenMP inside.
+  void forward(ConstView x, int64_t n_seq, View y, int64_t pos0 = 0);
+  // dy [N, d] -> dx [N, d] (overwritten; may alias dy or x). ACCUMULATES the
+  // parameter gradients. Consumes the cache.
+  void backward(ConstView dy, View dx);
+
+  int64_t d_model() const { return d_; }
+  int64_t n_heads() const { return h_; }
+  int64_t d_head() const { return dh_; }
+  View w_qkv() { return w_qkv_.view(); }
+  View w_o() { return w_o_.view(); }
+  // Probabilities of (sequence b, head h) from the last forward: [T, T], before backward.
+  ConstView probs(int64_t b, int64_t h) const;
+  // "<name>.w_qkv", "<name>.w_o" and, with biases, "<name>.b_qkv", "<name>.b_o".
+  std::vector<ParamRef> params();
+  void zero_grad();
+
+ private:
+  std::string name_;
+  int64_t d_, h_, dh_;
+  bool bias_;
+  Rope rope_;
+  Tensor w_qkv_, dw_qkv_;  // [d, 3d]
+  Tensor b_qkv_, db_qkv_;  // [1, 3d] (with biases)
+  Tensor w_o_, dw_o_;      // [d, d]
+  Tensor b_o_, db_o_;      // [1, d] (with biases)
+
+  // Cache of the last forward.
+  ConstView x_;  // [N, d] borrowed
+  int64_t n_seq_ = 0, t_ = 0;
+  Tensor qkv_;    // [N, 3d] q, k rotated
+  Tensor probs_;  // [B*H*T, T]; dS after backward
+  Tensor att_;    // [N, d]
+  // Backward scratch.
+  Tensor datt_;             // [N, d]
+  Tensor dqkv_;             // [N, 3d]
+  std::vector<Tensor> dp_;  // per thread: [T, T] dL/dP
+};
+
+}  // namespace moe::model

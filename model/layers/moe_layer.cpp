@@ -1,0 +1,269 @@
+#include "model/layers/moe_layer.hpp"
+
+#include <chrono>
+
+#include "model/buffers.hpp"
+
+namespace moe::model {
+
+namespace {
+
+double seconds_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+TopKOptions router_options(const MoeConfig& c) {
+  return TopKOptions{c.n_experts, c.top_k, c.renormalize, c.aux_loss_coef, c.z_loss_coef};
+}
+
+}  // namespace
+
+MoeConfig MoeConfig::from(const Config& config) {
+  MoeConfig c;
+  c.n_experts = static_cast<int>(config.get_int("model.moe.num_experts"));
+  c.top_k = static_cast<int>(config.get_int("model.moe.top_k"));
+  c.d_ff = config.get_int("model.moe.d_ff");
+  c.activation = parse_activation(config.get_string("model.moe.activation"));
+  c.renormalize = config.get_bool("model.moe.renormalize");
+  c.aux_loss_coef = config.get_float("model.moe.aux_loss_coef");
+  c.z_loss_coef = config.get_float("model.moe.z_loss_coef");
+  c.capacity_factor = config.get_float("model.moe.capacity_factor");
+  c.pipeline_chunks = static_cast<int>(config.get_int("model.moe.pipeline_chunks"));
+  if (c.top_k > c.n_experts)
+    throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", c.top_k,
+                                        " exceeds model.moe.num_experts = ", c.n_experts));
+  return c;
+}
+
+MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
+                   const comm::ExpertPlacement& placement, const comm::Communicator& comm,
+                   uint64_t seed)
+    : name_(std::move(name)),
+      d_(d_model),
+      config_(config),
+      placement_(placement),
+      comm_(comm),
+      router_(d_model, router_options(config), &comm, seed),
+      experts_(d_model, config.d_ff, config.activation, placement.local_experts(comm.rank()), seed),
+      ex_dispatch_(comm, name_ + ".dispatch"),
+      ex_combine_(comm, name_ + ".combine") {
+  if (placement.n_experts() != config.n_experts || placement.n_ranks() != comm.size())
+    throw Error(
+        ErrorKind::kConfig,
+        cat(name_, ": placement has ", placement.n_experts(), " experts over ", placement.n_ranks(),
+            " ranks; the layer has ", config.n_experts, " experts over ", comm.size(), " ranks"));
+  if (config.pipeline_chunks < 1)
+    throw Error(ErrorKind::kConfig, cat(name_, ": pipeline_chunks ", config.pipeline_chunks));
+}
+
+std::vector<ParamRef> MoeLayer::params() {
+  std::vector<ParamRef> out = router_.params();
+  for (ParamRef& p : experts_.params()) out.push_back(std::move(p));
+  for (ParamRef& p : out) p.name = name_ + "." + p.name;
+  return out;
+}
+
+void MoeLayer::zero_grad() {
+  router_.dw().zero();
+  experts_.zero_grad();
+}
+
+void MoeLayer::combine_weighted(View y) const {
+  const int64_t T = y.rows, d = d_;
+  const int k = config_.top_k;
+  const std::vector<uint8_t>& kept = plan_.kept();
+  const float* w = route_.weight.data();
+  ConstView slot_out(slot_out_.data(), T * k, d);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* yr = y.row(t);
+    for (int64_t c = 0; c < d; ++c) yr[c] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      if (!kept[t * k + j]) continue;
+      const float wj = w[t * k + j];
+      const float* s = slot_out.row(t * k + j);
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) yr[c] += wj * s[c];
+    }
+  }
+}
+
+void MoeLayer::forward(ConstView x, View y) {
+  const int64_t T = x.rows, d = d_;
+  const int k = config_.top_k, C = config_.pipeline_chunks;
+  MOE_CHECK_SHAPE(x, T, d, cat(name_, ".forward x"));
+  MOE_CHECK_SHAPE(y, T, d, cat(name_, ".forward y"));
+  x_ = x;
+  const comm::ExchangeStats s0 = ex_dispatch_.stats(), s1 = ex_combine_.stats();
+  double expert_s = 0.0;
+
+  // route
+  router_.forward(x, route_);
+  // plan: the whole batch (drops, statistics); with chunks, one dropless plan per chunk over
+  // the slots the whole-batch plan kept.
+  plan_ = comm::DispatchPlan::build(route_.routing(), placement_,
+                                    comm::PlanOptions{config_.capacity_factor}, comm_);
+  chunks_.resize(static_cast<size_t>(C));
+  int64_t R = 0;
+  for (int c = 0; c < C; ++c) {
+    Chunk& ch = chunks_[c];
+    ch.t0 = T * c / C;
+    ch.nt = T * (c + 1) / C - ch.t0;
+    ch.r0 = R;
+    if (C > 1) {
+      ch.expert.resize(static_cast<size_t>(ch.nt * k));
+      for (int64_t s = 0; s < ch.nt * k; ++s)
+        ch.expert[s] = plan_.kept()[ch.t0 * k + s] ? route_.expert[ch.t0 * k + s] : -1;
+      comm::RoutingView rv{ch.nt, k, ch.expert.data(), route_.weight.data() + ch.t0 * k};
+      ch.plan = comm::DispatchPlan::build(rv, placement_, comm::PlanOptions{}, comm_);
+      R += ch.plan.n_recv();
+    } else {
+      R += plan_.n_recv();
+    }
+  }
+  View xin = scratch(xin_, R, d), yout = scratch(yout_, R, d);
+  View slot_out = scratch(slot_out_, T * k, d);
+
+  if (C == 1) {
+    ex_dispatch_.dispatch(plan_, x, xin);  // dispatch
+    double t0 = seconds_now();
+    experts_.forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
+    expert_s += seconds_now() - t0;
+    ex_combine_.combine(plan_, yout, slot_out);  // combine
+  } else {
+    // Pipeline: dispatch c+1 and combine c-1 are in flight while chunk c's experts run.
+    auto rows = [&](View v, const Chunk& ch) { return v.row_range(ch.r0, ch.plan.n_recv()); };
+    ex_dispatch_.dispatch_start(chunks_[0].plan, x.row_range(chunks_[0].t0, chunks_[0].nt));
+    for (int c = 0; c < C; ++c) {
+      Chunk& ch = chunks_[c];
+      ex_dispatch_.dispatch_wait(ch.plan, rows(xin, ch));
+      if (c + 1 < C) {
+        const Chunk& nx = chunks_[c + 1];
+        ex_dispatch_.dispatch_start(nx.plan, x.row_range(nx.t0, nx.nt));
+      }
+      double t0 = seconds_now();
+      experts_.forward(rows(xin, ch), ch.plan.recv_offsets(), rows(yout, ch), ch.cache);
+      expert_s += seconds_now() - t0;
+      if (c > 0) {
+        const Chunk& pv = chunks_[c - 1];
+        ex_combine_.combine_wait(pv.plan, slot_out.row_range(pv.t0 * k, pv.nt * k));
+      }
+      ex_combine_.combine_start(ch.plan, rows(yout, ch));
+    }
+    const Chunk& last = chunks_[C - 1];
+    ex_combine_.combine_wait(last.plan, slot_out.row_range(last.t0 * k, last.nt * k));
+  }
+  combine_weighted(y);
+
+  stats_ = MoeLoadStats{};
+  stats_.load = plan_.stats();
+  stats_.load_balance_loss = route_.load_balance_loss;
+  stats_.z_loss = route_.z_loss;
+  stats_.aux_loss = route_.aux_loss;
+  stats_.bytes_sent = ex_dispatch_.stats().bytes_sent - s0.bytes_sent +
+                      ex_combine_.stats().bytes_sent - s1.bytes_sent;
+  stats_.bytes_received = ex_dispatch_.stats().bytes_received - s0.bytes_received +
+                          ex_combine_.stats().bytes_received - s1.bytes_received;
+  stats_.exchange_seconds =
+      ex_dispatch_.stats().seconds - s0.seconds + ex_combine_.stats().seconds - s1.seconds;
+  stats_.expert_seconds = expert_s;
+}
+
+void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
+  const int64_t T = x_.rows, d = d_;
+  const int k = config_.top_k, C = config_.pipeline_chunks;
+  MOE_CHECK_SHAPE(dy, T, d, cat(name_, ".backward dy"));
+  MOE_CHECK_SHAPE(dx, T, d, cat(name_, ".backward dx"));
+  const comm::ExchangeStats s0 = ex_dispatch_.stats(), s1 = ex_combine_.stats();
+  double expert_s = 0.0;
+  const std::vector<uint8_t>& kept = plan_.kept();
+  const float* w = route_.weight.data();
+
+  // combine^T, local part: dweight_tj = <dy_t, slot_out_tj>, ds_tj = w_tj dy_t.
+  View dweight = scratch(dweight_, T, k);
+  View ds = scratch(slot_grad_, T * k, d);
+  ConstView slot_out(slot_out_.data(), T * k, d);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = dy.row(t);
+    for (int j = 0; j < k; ++j) {
+      const int64_t s = t * k + j;
+      float* out = ds.row(s);
+      if (!kept[s]) {
+        dweight(t, j) = 0.0f;
+        for (int64_t c = 0; c < d; ++c) out[c] = 0.0f;
+        continue;
+      }
+      const float* so = slot_out.row(s);
+      const float wj = w[s];
+      double dot = 0.0;
+      for (int64_t c = 0; c < d; ++c) {
+        dot += double(g[c]) * so[c];
+        out[c] = wj * g[c];
+      }
+      dweight(t, j) = static_cast<float>(dot);
+    }
+  }
+
+  int64_t R = 0;
+  for (const Chunk& ch : chunks_) R += C == 1 ? plan_.n_recv() : ch.plan.n_recv();
+  View dyin(yout_.data(), R, d);  // the forward's expert outputs are no longer needed
+  View xin(xin_.data(), R, d);    // expert backward writes dL/dxin over its input
+  View dslot = ds;                // each chunk's ds rows are sent before its dslot rows arrive
+
+  if (C == 1) {
+    ex_dispatch_.dispatch_slots(plan_, ds, dyin);  // combine^T
+    double t0 = seconds_now();
+    experts_.backward(dyin, xin, chunks_[0].cache);  // experts^T
+    expert_s += seconds_now() - t0;
+    ex_combine_.combine(plan_, xin, dslot);  // dispatch^T
+  } else {
+    // The exchange has no non-blocking dispatch_slots; a plan with one slot per "token" over
+    // the T*k slot rows moves the same rows in the same order (slots sorted by (rank, expert,
+    // t*k + j) = (rank, expert, t, j)), so dispatch_start on it is dispatch_slots.
+    for (Chunk& ch : chunks_) {
+      comm::RoutingView rv{ch.nt * k, 1, ch.expert.data(), w + ch.t0 * k};
+      ch.slot_plan = comm::DispatchPlan::build(rv, placement_, comm::PlanOptions{}, comm_);
+      MOE_CHECK_EQ(ch.slot_plan.n_recv(), ch.plan.n_recv(), name_, " slot plan");
+    }
+    auto rows = [&](View v, const Chunk& ch) { return v.row_range(ch.r0, ch.plan.n_recv()); };
+    auto slots = [&](View v, const Chunk& ch) { return v.row_range(ch.t0 * k, ch.nt * k); };
+    ex_dispatch_.dispatch_start(chunks_[0].slot_plan, slots(ds, chunks_[0]));
+    for (int c = 0; c < C; ++c) {
+      Chunk& ch = chunks_[c];
+      ex_dispatch_.dispatch_wait(ch.slot_plan, rows(dyin, ch));
+      if (c + 1 < C)
+        ex_dispatch_.dispatch_start(chunks_[c + 1].slot_plan, slots(ds, chunks_[c + 1]));
+      double t0 = seconds_now();
+      experts_.backward(rows(dyin, ch), rows(xin, ch), ch.cache);
+      expert_s += seconds_now() - t0;
+      if (c > 0) ex_combine_.combine_wait(chunks_[c - 1].slot_plan, slots(dslot, chunks_[c - 1]));
+      ex_combine_.combine_start(ch.slot_plan, rows(xin, ch));
+    }
+    ex_combine_.combine_wait(chunks_[C - 1].slot_plan, slots(dslot, chunks_[C - 1]));
+  }
+
+  // dispatch^T, local part: dx_t = sum_j dslot_tj.
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = dx.row(t);
+    for (int64_t c = 0; c < d; ++c) o[c] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      if (!kept[t * k + j]) continue;
+      const float* s = dslot.row(t * k + j);
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += s[c];
+    }
+  }
+  router_.backward(dweight, aux_scale, dx);  // route^T: dx += ..., dW_r
+
+  stats_.bytes_sent += ex_dispatch_.stats().bytes_sent - s0.bytes_sent +
+                       ex_combine_.stats().bytes_sent - s1.bytes_sent;
+  stats_.bytes_received += ex_dispatch_.stats().bytes_received - s0.bytes_received +
+                           ex_combine_.stats().bytes_received - s1.bytes_received;
+  stats_.exchange_seconds +=
+      ex_dispatch_.stats().seconds - s0.seconds + ex_combine_.stats().seconds - s1.seconds;
+  stats_.expert_seconds += expert_s;
+}
+
+}  // namespace moe::model

@@ -1,0 +1,132 @@
+// File: moe_layer.hpp — the expert-parallel Mixture-of-Experts FFN layer.
+//
+// Notation: T tokens on this rank, d model width, f FFN width, E experts, E_l experts on this
+// rank, k slots per token, P ranks, R rows this rank's experts receive.
+//
+// Forward, in named stages (each collective stands alone; local work before/after it):
+//   route    router.forward(x)                    -> per token k (expert, weight) slots
+//   plan     DispatchPlan::build                   -> order, counts, capacity drops
+//   dispatch exchange.dispatch(x)                  -> xin [R, d] grouped by local expert
+//   experts  bank.forward(xin)                     -> yout [R, d]
+//   combine  exchange.combine(yout)                -> slot_out [T*k, d];  y_t = sum_j w_tj slot_out
+// Backward, in reverse:
+//   combine^T  ds_tj = w_tj dy_t -> exchange.dispatch_slots -> dyin [R, d];
+//              dweight_tj = <dy_t, slot_out_tj>
+//   experts^T  bank.backward(dyin) -> dxin [R, d]   (expert gradients stay on this rank)
+//   dispatch^T exchange.combine(dxin) -> [T*k, d], summed per token -> dx
+//   route^T    router.backward(dweight) -> dx += ..., dW_r
+// Dropped or empty slots contribute zero (the token keeps its residual outside this layer).
+//
+// Modes: dropless (capacity_factor 0, default) or capacity; pipeline_chunks > 1 splits the
+// local tokens into chunks and overlaps the exchange of chunk i+1 with the experts of chunk i
+// (Exchange *_start/*_wait), in forward and backward. Capacity drops are decided once on the
+// whole batch; the chunks then carry the dropped slots as empty (-1), so pipelined and
+// unpipelined results are the same.
+//
+// Every method except the accessors is collective over the layer's communicator: every rank
+// calls it, in the same order, also with T = 0.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/exchange.hpp"
+#include "comm/placement.hpp"
+#include "comm/plan.hpp"
+#include "model/experts.hpp"
+#include "model/routers/topk.hpp"
+#include "runtime/config.hpp"
+
+namespace moe::model {
+
+// The `model.moe.*` configuration block (runtime/config.cpp documents every key).
+struct MoeConfig {
+  int n_experts = 8;
+  int top_k = 2;
+  int64_t d_ff = 2048;
+  Activation activation = Activation::kGelu;
+  bool renormalize = true;
+  double aux_loss_coef = 0.01;
+  double z_loss_coef = 0.001;
+  double capacity_factor = 0.0;  // 0 = dropless
+  int pipeline_chunks = 1;       // 1 = off
+
+  static MoeConfig from(const Config& config);
+};
+
+// Per-call load statistics for the training loop's metrics (identical on every rank except
+// the exchange figures, which are this rank's).
+struct MoeLoadStats {
+  comm::LoadStats load;          // kept slots per expert / rank, drops, imbalance (global)
+  double load_balance_loss = 0;  // unweighted, global
+  double z_loss = 0;             // unweighted, global
+  double aux_loss = 0;           // weighted, what enters the loss
+  int64_t bytes_sent = 0;        // this rank, this forward + backward
+  int64_t bytes_received = 0;
+  double exchange_seconds = 0.0;  // this rank, inside exchange calls
+  double expert_seconds = 0.0;    // this rank, inside ExpertBank forward + backward
+};
+
+class MoeLayer {
+ public:
+  // The placement must have config.n_experts experts over comm.size() ranks. Weights come
+  // from seed: router replicated, experts by global id.
+  MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
+           const comm::ExpertPlacement& placement, const comm::Communicator& comm, uint64_t seed);
+
+  // x [T, d] -> y [T, d]. x must stay valid until backward(). Collective.
+  void forward(ConstView x, View y);
+  // dy [T, d] -> dx [T, d] (overwritten). aux_scale multiplies the router's auxiliary loss in
+  // the total loss. ACCUMULATES the router and expert gradients. Collective.
+  void backward(ConstView dy, View dx, float aux_scale = 1.0f);
+
+  const MoeLoadStats& stats() const { return stats_; }
+  double aux_loss() const { return stats_.aux_loss; }
+  const RouteResult& route() const { return route_; }
+  // The last forward's whole-batch plan (kept() tells which slots survived capacity).
+  const comm::DispatchPlan& plan() const { return plan_; }
+  TopKRouter& router() { return router_; }
+  ExpertBank& experts() { return experts_; }
+  const MoeConfig& config() const { return config_; }
+  // Router parameters are replicated (all-reduce their gradients over data parallel ranks);
+  // expert parameters live only here.
+  std::vector<ParamRef> params();
+  void zero_grad();
+
+ private:
+  struct Chunk {
+    int64_t t0 = 0, nt = 0;        // token range [t0, t0 + nt)
+    int64_t r0 = 0;                // first row in the [R, d] buffers
+    std::vector<int32_t> expert;   // [nt, k] chunk routing, dropped slots as -1 (pipelined)
+    comm::DispatchPlan plan;       // token rows -> experts (forward)
+    comm::DispatchPlan slot_plan;  // slot rows -> experts (backward, pipelined only)
+    ExpertCache cache;
+    int64_t n_recv() const { return plan.recv_offsets().back(); }
+  };
+  void combine_weighted(View y) const;
+
+  std::string name_;
+  int64_t d_;
+  MoeConfig config_;
+  comm::ExpertPlacement placement_;  // a copy: plain data
+  const comm::Communicator& comm_;
+  TopKRouter router_;
+  ExpertBank experts_;
+  comm::Exchange ex_dispatch_, ex_combine_;  // two, so a dispatch and a combine can overlap
+
+  // Cache of the last forward.
+  ConstView x_;  // [T, d] borrowed input
+  RouteResult route_;
+  comm::DispatchPlan plan_;    // whole batch: drops and load statistics
+  std::vector<Chunk> chunks_;  // 1 (unpipelined) or pipeline_chunks
+  Tensor xin_;                 // [R, d] expert input rows (experts' cache)
+  Tensor yout_;                // [R, d] expert output rows; dL/dyout in backward
+  Tensor dxin_;                // [R, d] dL/dxin in backward
+  Tensor slot_out_;            // [T*k, d] expert output per slot (kept for dweight)
+  Tensor slot_grad_;           // [T*k, d] backward: w-scaled dy per slot, then dL/dx per slot
+  Tensor dweight_;             // [T, k]
+  MoeLoadStats stats_;
+};
+
+}  // namespace moe::model

@@ -1,0 +1,32 @@
+// File: params.hpp — named (value, gradient) pairs a layer exposes, and deterministic init.
+//
+// Weights are initialised from (seed, stream, element index) alone, with a counter-based hash,
+// so a tensor's values do not depend on how many ranks exist or which rank holds it: experts
+// use their GLOBAL id in the stream, which makes np=1 and np=4 hold the same global weights.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.hpp"
+
+namespace moe::model {
+
+// A parameter and its gradient (same shape); the gradient is accumulated by backward().
+struct ParamRef {
+  std::string name;
+  View value;
+  View grad;
+};
+
+// A 64-bit mixing function (splitmix64 finaliser).
+uint64_t mix64(uint64_t x);
+
+// A stream id from a tag and an index, e.g. init_stream("expert.w1", global_id).
+uint64_t init_stream(const char* tag, int64_t index);
+
+// Fills v with U(-bound, bound); element (i, j) depends only on (seed, stream, i * cols + j).
+void init_uniform(View v, float bound, uint64_t seed, uint64_t stream);
+
+}  // namespace moe::model

@@ -1,0 +1,66 @@
+// File: topk.hpp — the top-k softmax router (Switch k=1, GShard/Mixtral k=2).
+//
+// Notation: T tokens on this rank, N tokens over all ranks, d model width, E experts, k slots.
+//
+//   logits = x W_r              [T, E]  fp32 (W_r [d, E], replicated on every rank)
+//   p      = softmax(logits)    [T, E]
+//   slots  = the k largest p per token, larger first; equal p: the lower expert id wins
+//   weight = p_sel, or p_sel / sum(p_sel) with renormalize (Mixtral style)
+//   load-balancing loss  LB = E * sum_i f_i P_i   f_i = slots routed to i / (N k),
+//                                                 P_i = sum_t p_ti / N    (both GLOBAL)
+//   z-loss               Z  = sum_t logsumexp(logits_t)^2 / N               (GLOBAL mean)
+//   aux_loss = aux_loss_coef * LB + z_loss_coef * Z
+// f_i is a count (no gradient), as in Switch. With a null communicator this rank is the whole
+// batch (unit tests, single process).
+#pragma once
+
+#include "comm/communicator.hpp"
+#include "model/routers/router.hpp"
+
+namespace moe::model {
+
+struct TopKOptions {
+  int n_experts = 8;
+  int k = 2;
+  bool renormalize = true;
+  double aux_loss_coef = 0.01;
+  double z_loss_coef = 0.001;
+};
+
+class TopKRouter final : public Router {
+ public:
+  // W_r ~ U(-1/sqrt(d), 1/sqrt(d)) from seed (identical on every rank).
+  TopKRouter(int64_t d_model, const TopKOptions& options, const comm::Communicator* comm,
+             uint64_t seed);
+
+  int64_t d_model() const override { return d_; }
+  int n_experts() const override { return options_.n_experts; }
+  int k() const override { return options_.k; }
+  const TopKOptions& options() const { return options_; }
+
+  void forward(ConstView x, RouteResult& out) override;
+  void backward(ConstView dweight, float aux_scale, View dx) override;
+  std::vector<ParamRef> params() override;
+
+  Tensor& w() { return w_; }
+  Tensor& dw() { return dw_; }
+
+ private:
+  int64_t d_;
+  TopKOptions options_;
+  const comm::Communicator* comm_;
+  Tensor w_;   // [d, E]
+  Tensor dw_;  // [d, E]
+  struct Cache {
+    ConstView x;                  // [T, d] borrowed input
+    Tensor probs;                 // [T, E] softmax
+    Tensor dlogits;               // [T, E] backward scratch
+    std::vector<float> lse;       // [T] logsumexp of the logits
+    std::vector<int32_t> expert;  // [T, k]
+    std::vector<float> weight;    // [T, k]
+    std::vector<double> f;        // [E] global slot fractions f_i
+    double n_global = 0.0;        // N
+  } cache_;
+};
+
+}  // namespace moe::model

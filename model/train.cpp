@@ -1,0 +1,307 @@
+#include "model/train.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <memory>
+
+#include "comm/allreduce.hpp"
+#include "model/optim.hpp"
+#include "model/transformer.hpp"
+#include "runtime/checkpoint.hpp"
+#include "runtime/cpu.hpp"
+#include "runtime/data.hpp"
+#include "runtime/log.hpp"
+#include "runtime/run.hpp"
+
+namespace moe::model {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The held-out set is drawn from its own stream, the same for every step and rank count.
+constexpr uint64_t kEvalSeedSalt = 0x6576616c5f736574ull;  // "eval_set"
+
+struct Shape {
+  int64_t global_batch, micro_batch, seq_len, accumulation;
+};
+
+Shape batch_shape(const Config& c, int n_ranks) {
+  Shape s;
+  s.global_batch = c.get_int("train.global_batch");
+  s.micro_batch = c.get_int("train.micro_batch");
+  s.seq_len = c.get_int("train.seq_len");
+  const int64_t per_step = s.micro_batch * n_ranks;
+  if (s.global_batch % per_step != 0)
+    throw Error(ErrorKind::kConfig,
+                cat("train.global_batch = ", s.global_batch, " is not divisible by ",
+                    "train.micro_batch x ranks = ", s.micro_batch, " x ", n_ranks, " = ", per_step,
+                    "; choose a rank count that divides ", s.global_batch / s.micro_batch));
+  s.accumulation = s.global_batch / per_step;
+  return s;
+}
+
+// Loss over the fixed held-out set: eval_batches global batches of the val split.
+double evaluate(Transformer& model, const TokenDataset& val, const Shape& shape, uint64_t seed,
+                int64_t n_batches, const comm::Communicator& comm) {
+  const int64_t m = shape.micro_batch, T = shape.seq_len, P = comm.size();
+  const double normaliser = static_cast<double>(n_batches * shape.global_batch * T);
+  std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
+  double local = 0;
+  for (int64_t b = 0; b < n_batches; ++b)
+    for (int64_t j = 0; j < shape.accumulation; ++j) {
+      val.read_windows(seed ^ kEvalSeedSalt, b, j * m * P + comm.rank() * m, m, windows.data());
+      local += model.forward(windows, m, T, normaliser);
+    }
+  return comm.sum(local, "eval loss");
+}
+
+}  // namespace
+
+TrainSummary train(const Config& config, const TrainOptions& options,
+                   const comm::Communicator& comm) {
+  const int rank = comm.rank(), P = comm.size();
+  Run run = start_run(config, rank, P, "moe-train");
+  const Shape shape = batch_shape(config, P);
+  const uint64_t seed = static_cast<uint64_t>(config.get_int("train.seed"));
+  const std::string data_path = config.get_string("data.path");
+
+  // Data and model shape: every rank checks the same things, then all agree.
+  std::unique_ptr<TokenDataset> train_data, val_data;
+  std::unique_ptr<ModelConfig> mc;
+  std::string error;
+  ErrorKind kind = ErrorKind::kData;
+  try {
+    TokenFileInfo info = read_token_file_info(data_path);
+    kind = ErrorKind::kConfig;
+    mc = std::make_unique<ModelConfig>(ModelConfig::from(config, info.vocab_size));
+    kind = ErrorKind::kData;
+    train_data = std::make_unique<TokenDataset>(data_path, config.get_string("data.split"),
+                                                shape.seq_len, mc->vocab_size);
+    val_data = std::make_unique<TokenDataset>(data_path, "val", shape.seq_len, mc->vocab_size);
+  } catch (const Error& e) {
+    error = e.message();
+    kind = e.kind();
+  }
+  comm.agree(error, kind, "open data");
+
+  Transformer model(*mc, comm, seed);
+  AdamWOptions ao;
+  ao.beta1 = config.get_float("train.beta1");
+  ao.beta2 = config.get_float("train.beta2");
+  ao.eps = config.get_float("train.eps");
+  ao.weight_decay = config.get_float("train.weight_decay");
+  AdamW opt(ao);
+  for (const ParamRef& p : model.dense_params()) opt.add(p, !model.no_decay(p.name));
+  for (const ParamRef& p : model.expert_params()) opt.add(p, true);
+  LrSchedule schedule;
+  schedule.lr = config.get_float("train.lr");
+  schedule.min_lr = config.get_float("train.min_lr");
+  schedule.warmup_steps = config.get_int("train.warmup_steps");
+  schedule.total_steps = config.get_int("train.steps");
+
+  std::vector<View> dense_grads;
+  std::vector<ConstView> dense_cgrads, expert_cgrads;
+  std::vector<View> all_grads;
+  for (const ParamRef& p : model.dense_params()) {
+    dense_grads.push_back(p.grad);
+    dense_cgrads.push_back(p.grad);
+    all_grads.push_back(p.grad);
+  }
+  for (const ParamRef& p : model.expert_params()) {
+    expert_cgrads.push_back(p.grad);
+    all_grads.push_back(p.grad);
+  }
+  comm::AllReduceOptions ro;
+  ro.bucket_bytes = static_cast<int64_t>(config.get_float("comm.bucket_mb") * (1 << 20));
+  ro.average = false;  // the loss is already normalised by the global token count
+  comm::GradientAllReducer reducer(comm, dense_grads, ro);
+
+  // Checkpoint entries: dense tensors once, experts by (block, global id).
+  auto entry = [&](const std::string& name, View value) {
+    int64_t i = opt.find(name);
+    MOE_CHECK(i >= 0, "optimiser lacks ", name);
+    AdamState& st = opt.state(static_cast<size_t>(i));
+    return checkpoint::TensorEntry{name, value, st.m.view(), st.v.view(), &st.step};
+  };
+  std::vector<checkpoint::TensorEntry> dense_entries;
+  for (const ParamRef& p : model.dense_params()) dense_entries.push_back(entry(p.name, p.value));
+  std::vector<checkpoint::ExpertEntry> expert_entries;
+  for (int l = 0; l < mc->n_layers; ++l) {
+    MoeLayer* moe = model.moe_layer(l);
+    if (!moe) continue;
+    ExpertBank& bank = moe->experts();
+    for (int e = 0; e < bank.n_local(); ++e) {
+      const int gid = bank.global_ids()[static_cast<size_t>(e)];
+      const std::string prefix = cat("blocks.", l, ".moe.expert.", gid, ".");
+      checkpoint::ExpertEntry x;
+      x.layer = l;
+      x.expert = gid;
+      x.tensors.push_back(entry(prefix + "w1", bank.w1(e)));
+      x.tensors.back().name = "w1";
+      x.tensors.push_back(entry(prefix + "w2", bank.w2(e)));
+      x.tensors.back().name = "w2";
+      expert_entries.push_back(std::move(x));
+    }
+  }
+  // An empty checkpoint.dir means <run.dir>/checkpoints.
+  const std::string ckpt_dir = config.get_string("checkpoint.dir").empty()
+                                   ? run.dir + "/checkpoints"
+                                   : config.get_string("checkpoint.dir");
+  const int64_t ckpt_every = config.get_int("checkpoint.every");
+  checkpoint::SaveOptions save_options;
+  save_options.keep = static_cast<int>(config.get_int("checkpoint.keep"));
+
+  int64_t start_step = 0;
+  if (!options.resume.empty()) {
+    checkpoint::Metadata meta =
+        checkpoint::load(options.resume, dense_entries, expert_entries, comm);
+    start_step = meta.step;
+    if (meta.seed != static_cast<int64_t>(seed))
+      log::warn("resuming a run with train.seed ", meta.seed, " under train.seed ", seed,
+                ": the data order changes");
+    log::info0("resumed from ", options.resume, " at step ", start_step, " (written by ",
+               meta.world_size, " rank(s), now ", P, ")");
+  }
+  const int64_t total_steps = schedule.total_steps;
+  const int64_t end_step =
+      options.stop_after > 0 ? std::min(total_steps, start_step + options.stop_after) : total_steps;
+
+  // The job's fp32 peak: every rank's threads at the measured clock (rank 0 measures).
+  CpuPeak peak;
+  if (rank == 0) peak = measure_cpu_peak(1);
+  double per_thread_gflops = comm.max(rank == 0 ? peak.gflops : 0.0, "peak");
+  const double job_peak = comm.sum(per_thread_gflops * run.threads.omp_threads, "peak");
+  const double flops_per_token = mc->flops_per_token(shape.seq_len);
+
+  MetricsWriter metrics(
+      options.metrics_path.empty() ? run.dir + "/metrics.jsonl" : options.metrics_path,
+      rank == 0 && (config.get_bool("run.metrics") || !options.metrics_path.empty()));
+  const int64_t eval_every = config.get_int("train.eval_every");
+  const int64_t eval_batches = config.get_int("train.eval_batches");
+  const int64_t log_every = config.get_int("log.every");
+  const bool skip_nonfinite = config.get_string("train.on_nonfinite") == "skip";
+  const int64_t m = shape.micro_batch, T = shape.seq_len;
+  const double normaliser = static_cast<double>(shape.global_batch * T);
+  const double tokens_per_step = normaliser;
+
+  log::info0("model: ", mc->n_layers, " blocks (", mc->n_moe_layers(), " MoE), d_model ",
+             mc->d_model, ", vocab ", mc->vocab_size, ", ", mc->moe.n_experts, " experts top-",
+             mc->moe.top_k, "; ", mc->active_params() / 1e6, "M active parameters; batch ",
+             shape.global_batch, " x ", T, " tokens = ", P, " ranks x ", m, " x ",
+             shape.accumulation, " accumulation; steps ", start_step, " -> ", end_step, " of ",
+             total_steps, "; peak ", job_peak, " GFLOP/s");
+
+  TrainSummary summary;
+  summary.first_step = start_step;
+  std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
+  double time_sum = 0, tokens_sum = 0, exchange_sum = 0;
+  int64_t steps_done = 0;
+  for (int64_t s = start_step; s < end_step; ++s) {
+    const double t0 = now_s();
+    model.zero_grad();
+    double loss_local = 0, aux = 0, lb = 0, z = 0, imbalance = 0, drop = 0, exch = 0;
+    for (int64_t j = 0; j < shape.accumulation; ++j) {
+      train_data->read_windows(seed, s, j * m * P + rank * m, m, windows.data());
+      loss_local += model.forward(windows, m, T, normaliser);
+      const bool last = j + 1 == shape.accumulation;
+      if (last) reducer.begin();
+      model.backward(1.0f / static_cast<float>(shape.accumulation),
+                     last ? std::function<void(size_t)>([&](size_t i) { reducer.mark_ready(i); })
+                          : std::function<void(size_t)>());
+      ModelStats st = model.stats();
+      aux += st.aux_loss / shape.accumulation;
+      lb += st.load_balance_loss / shape.accumulation;
+      z += st.z_loss / shape.accumulation;
+      imbalance = std::max(imbalance, st.expert_imbalance);
+      drop += st.drop_rate / shape.accumulation;
+      exch += st.exchange_seconds;
+    }
+    reducer.finish();
+    const double loss = comm.sum(loss_local, "loss");
+    const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm);
+    const double lr = schedule.at(s);
+    bool skipped = false;
+    if (!std::isfinite(loss) || !std::isfinite(norm)) {
+      std::string what = cat("step ", s, ": ", !std::isfinite(loss) ? "loss" : "gradient norm",
+                             " is ", !std::isfinite(loss) ? loss : norm);
+      if (!skip_nonfinite)
+        throw Error(ErrorKind::kData, cat(what, " (train.on_nonfinite: stop; set it to skip to ",
+                                          "drop such steps)"));
+      log::warn(what, ": update skipped (train.on_nonfinite: skip)");
+      skipped = true;
+    } else {
+      clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
+      opt.step(lr);
+    }
+    const double dt = now_s() - t0;
+    const double tps = tokens_per_step / dt;
+    const double mfu = tps * flops_per_token / (job_peak * 1e9);
+    time_sum += dt;
+    tokens_sum += tokens_per_step;
+    exchange_sum += exch;
+    ++steps_done;
+
+    nlohmann::json rec = {{"step", s + 1},
+                          {"loss", loss},
+                          {"aux_loss", aux},
+                          {"load_balance_loss", lb},
+                          {"z_loss", z},
+                          {"lr", lr},
+                          {"grad_norm", norm},
+                          {"tokens_per_s", tps},
+                          {"mfu", mfu},
+                          {"step_seconds", dt},
+                          {"exchange_fraction", exch / dt},
+                          {"expert_imbalance", imbalance},
+                          {"drop_rate", drop}};
+    if (skipped) rec["skipped"] = true;
+    const bool last_step = s + 1 == end_step;
+    if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
+      const double val = evaluate(model, *val_data, shape, seed, eval_batches, comm);
+      rec["val_loss"] = val;
+      summary.last_val_loss = val;
+    }
+    metrics.write(rec);
+    summary.last_loss = loss;
+    if (rank == 0 && ((s + 1) % log_every == 0 || last_step || s == start_step)) {
+      const double eta = (time_sum / steps_done) * static_cast<double>(end_step - s - 1);
+      std::string line = format_progress(s + 1, total_steps, loss, aux, tps, eta);
+      if (rec.contains("val_loss")) line += cat(" | val ", rec["val_loss"].get<double>());
+      line += cat(" | mfu ", static_cast<int>(std::lround(mfu * 100)), "%");
+      log::info0(line);
+    }
+    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step) {
+      checkpoint::Metadata meta;
+      meta.step = s + 1;
+      meta.seed = static_cast<int64_t>(seed);
+      meta.data_position = s + 1;
+      meta.config = config.to_yaml();
+      summary.checkpoint =
+          checkpoint::save(ckpt_dir, dense_entries, expert_entries, meta, comm, save_options);
+      log::info0("checkpoint ", summary.checkpoint);
+    }
+  }
+  summary.last_step = end_step;
+  summary.tokens_per_s = time_sum > 0 ? tokens_sum / time_sum : 0;
+  summary.mfu = summary.tokens_per_s * flops_per_token / (job_peak * 1e9);
+  nlohmann::json done = {{"summary", true},
+                         {"steps", steps_done},
+                         {"first_step", start_step},
+                         {"last_step", end_step},
+                         {"loss", summary.last_loss},
+                         {"val_loss", summary.last_val_loss},
+                         {"tokens_per_s", summary.tokens_per_s},
+                         {"mfu", summary.mfu},
+                         {"exchange_fraction", time_sum > 0 ? exchange_sum / time_sum : 0},
+                         {"peak_gflops", job_peak},
+                         {"ranks", P},
+                         {"checkpoint", summary.checkpoint}};
+  metrics.write(done);
+  log::info0("done: ", done.dump());
+  return summary;
+}
+
+}  // namespace moe::model

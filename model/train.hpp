@@ -1,0 +1,43 @@
+// File: train.hpp — the training loop: data, accumulation, all-reduce, clipping, AdamW,
+// evaluation, metrics, checkpoints, resume.
+//
+// Notation: P ranks, G = train.global_batch sequences per optimiser step, m = train.micro_batch
+// sequences per rank per forward/backward, A = G / (m P) accumulation steps, T = train.seq_len.
+//
+// One optimiser step s:
+//   for j < A:  rank r reads global windows [j m P + r m, j m P + (r + 1) m) of step s
+//               forward (loss / (G T)), backward (aux losses scaled by 1 / A)
+//               (in the last micro-step, dense gradients are all-reduced bucket by bucket as
+//               backward finishes them)
+//   global gradient norm over dense and expert parameters; clip; AdamW with the scheduled lr
+// Since the windows of a step come from (seed, s, window index) and the loss is normalised by
+// the global token count, the same config gives the same optimisation on any rank count.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "comm/communicator.hpp"
+#include "runtime/config.hpp"
+
+namespace moe::model {
+
+struct TrainOptions {
+  std::string metrics_path;  // --metrics FILE: JSON lines, one per step (rank 0)
+  std::string resume;        // --resume DIR: a checkpoint root or step directory
+  int64_t stop_after = 0;    // --stop-after N: end this launch after N steps (0: run to the end)
+};
+
+// What a run ended with (rank 0's view; losses are global).
+struct TrainSummary {
+  int64_t first_step = 0, last_step = 0;  // steps [first, last) ran in this launch
+  double last_loss = 0, last_val_loss = 0;
+  double tokens_per_s = 0, mfu = 0;
+  std::string checkpoint;  // the last checkpoint written, if any
+};
+
+// Runs training as configured. Collective over comm; throws moe::Error on bad input.
+TrainSummary train(const Config& config, const TrainOptions& options,
+                   const comm::Communicator& comm);
+
+}  // namespace moe::model

@@ -1,0 +1,291 @@
+#include "model/transformer.hpp"
+
+#include <algorithm>
+
+#include "runtime/error.hpp"
+
+namespace moe::model {
+
+namespace {
+
+// y = a + b, row by row (views may be the same as a or b).
+void add(ConstView a, ConstView b, View y) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < y.rows; ++i) {
+    const float* pa = a.row(i);
+    const float* pb = b.row(i);
+    float* py = y.row(i);
+    for (int64_t j = 0; j < y.cols; ++j) py[j] = pa[j] + pb[j];
+  }
+}
+
+void add_into(View y, ConstView b) {
+  add(y, b, y);
+}
+
+View rows(Tensor& t, int64_t n, int64_t d) {
+  if (t.numel() < n * d) t.resize({std::max<int64_t>(n * d, 1)});
+  return View(t.data(), n, d);
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from(const Config& c, int64_t data_vocab) {
+  ModelConfig m;
+  const int64_t vocab = c.get_int("model.vocab_size");
+  if (vocab > 0 && vocab < data_vocab)
+    throw Error(ErrorKind::kConfig,
+                cat("model.vocab_size = ", vocab, " is smaller than the data's vocabulary of ",
+                    data_vocab, " (", c.get_string("data.path"), "); use 0 to take the data's"));
+  m.vocab_size = vocab > 0 ? vocab : data_vocab;
+  m.d_model = c.get_int("model.d_model");
+  m.n_layers = static_cast<int>(c.get_int("model.n_layers"));
+  m.n_heads = static_cast<int>(c.get_int("model.n_heads"));
+  m.d_ff = c.get_int("model.d_ff");
+  m.activation =
+      c.get_string("model.activation") == "swiglu" ? Activation::kSwiglu : Activation::kGelu;
+  m.tie_embeddings = c.get_bool("model.tie_embeddings");
+  m.norm_eps = static_cast<float>(c.get_float("model.norm_eps"));
+  m.rope_base = c.get_float("model.rope_base");
+  m.moe_every_n = static_cast<int>(c.get_int("model.moe.every_n_layers"));
+  m.moe = MoeConfig::from(c);
+  if (m.d_model % m.n_heads != 0 || (m.d_model / m.n_heads) % 2 != 0)
+    throw Error(ErrorKind::kConfig,
+                cat("model.n_heads = ", m.n_heads, " must divide model.d_model = ", m.d_model,
+                    " into heads of even width (RoPE rotates pairs)"));
+  if (m.n_moe_layers() > 0 && m.moe.top_k > m.moe.n_experts)
+    throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", m.moe.top_k, " exceeds ",
+                                        "model.moe.num_experts = ", m.moe.n_experts));
+  return m;
+}
+
+int ModelConfig::n_moe_layers() const {
+  int n = 0;
+  for (int l = 0; l < n_layers; ++l) n += is_moe(l);
+  return n;
+}
+
+double ModelConfig::active_params() const {
+  const double d = static_cast<double>(d_model);
+  const double ffn_mats = activation == Activation::kSwiglu ? 3.0 : 2.0;
+  const double moe_mats = moe.activation == Activation::kSwiglu ? 3.0 : 2.0;
+  double n = 0;
+  for (int l = 0; l < n_layers; ++l) {
+    n += 4 * d * d + 2 * d;  // attention (fused QKV + output) and the two norm gains
+    if (is_moe(l))
+      n += d * moe.n_experts + moe.top_k * moe_mats * d * static_cast<double>(moe.d_ff);
+    else
+      n += ffn_mats * d * static_cast<double>(d_ff);
+  }
+  return n + d + static_cast<double>(vocab_size) * d;  // final norm, LM head
+}
+
+double ModelConfig::flops_per_token(int64_t seq_len) const {
+  return 6.0 * active_params() + 12.0 * n_layers * static_cast<double>(seq_len) * d_model;
+}
+
+struct Transformer::Block {
+  std::unique_ptr<RmsNorm> norm1, norm2;
+  std::unique_ptr<Attention> attn;
+  std::unique_ptr<Ffn> ffn;       // dense blocks
+  std::unique_ptr<MoeLayer> moe;  // MoE blocks
+  Tensor h1, x1, h2, out;         // [N, d]: norm1 output, mid residual, norm2 output, scratch
+  // Ranges of dense_params() finished by each backward stage.
+  size_t ffn_params_end = 0, norm2_end = 0, attn_end = 0, norm1_end = 0;
+};
+
+Transformer::Transformer(const ModelConfig& config, const comm::Communicator& comm, uint64_t seed)
+    : config_(config), comm_(comm) {
+  const int64_t d = config.d_model;
+  if (config.n_moe_layers() > 0)
+    placement_ = comm::ExpertPlacement::blocked(config.moe.n_experts, comm.size());
+  embed_ = std::make_unique<Embedding>("embed", config.vocab_size, d, seed);
+  AttentionConfig ac;
+  ac.n_heads = config.n_heads;
+  ac.rope_base = config.rope_base;
+  for (int l = 0; l < config.n_layers; ++l) {
+    auto b = std::make_unique<Block>();
+    const std::string p = cat("blocks.", l, ".");
+    b->norm1 = std::make_unique<RmsNorm>(p + "norm1", d, config.norm_eps);
+    b->attn = std::make_unique<Attention>(p + "attn", d, ac, seed);
+    b->norm2 = std::make_unique<RmsNorm>(p + "norm2", d, config.norm_eps);
+    if (config.is_moe(l))
+      b->moe = std::make_unique<MoeLayer>(p + "moe", d, config.moe, placement_, comm, seed);
+    else
+      b->ffn = std::make_unique<Ffn>(p + "ffn", d, config.d_ff, config.activation, seed);
+    blocks_.push_back(std::move(b));
+  }
+  final_norm_ = std::make_unique<RmsNorm>("final_norm", d, config.norm_eps);
+  head_ = config.tie_embeddings ? std::make_unique<LmHead>("head", *embed_)
+                                : std::make_unique<LmHead>("head", config.vocab_size, d, seed);
+  x_.resize(static_cast<size_t>(config.n_layers + 1));
+  collect_params();
+}
+
+Transformer::~Transformer() = default;
+
+void Transformer::collect_params() {
+  dense_.clear();
+  experts_.clear();
+  auto take = [&](std::vector<ParamRef> ps) {
+    for (auto& p : ps) dense_.push_back(std::move(p));
+  };
+  take(head_->params());  // empty when tied
+  take(final_norm_->params());
+  for (int l = config_.n_layers - 1; l >= 0; --l) {
+    Block& b = *blocks_[static_cast<size_t>(l)];
+    if (b.moe) {
+      for (ParamRef p : b.moe->router().params()) {
+        p.name = cat("blocks.", l, ".moe.", p.name);
+        dense_.push_back(p);
+      }
+      for (ParamRef p : b.moe->experts().params()) {
+        p.name = cat("blocks.", l, ".moe.", p.name);
+        experts_.push_back(p);
+      }
+    } else {
+      take(b.ffn->params());
+    }
+    b.ffn_params_end = dense_.size();
+    take(b.norm2->params());
+    b.norm2_end = dense_.size();
+    take(b.attn->params());
+    b.attn_end = dense_.size();
+    take(b.norm1->params());
+    b.norm1_end = dense_.size();
+  }
+  take(embed_->params());
+}
+
+bool Transformer::no_decay(const std::string& name) const {
+  auto ends_with = [&](const char* s) {
+    std::string t(s);
+    return name.size() >= t.size() && name.compare(name.size() - t.size(), t.size(), t) == 0;
+  };
+  return ends_with(".gain") || ends_with(".b_qkv") || ends_with(".b_o");
+}
+
+void Transformer::zero_grad() {
+  for (auto& p : dense_) p.grad.fill(0.0f);
+  for (auto& p : experts_) p.grad.fill(0.0f);
+}
+
+void Transformer::run_blocks(int64_t n, int64_t n_seq) {
+  const int64_t d = config_.d_model;
+  for (int l = 0; l < config_.n_layers; ++l) {
+    Block& b = *blocks_[static_cast<size_t>(l)];
+    ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
+    View h1 = rows(b.h1, n, d), x1 = rows(b.x1, n, d), h2 = rows(b.h2, n, d);
+    View out = rows(b.out, n, d);
+    b.norm1->forward(x, h1);
+    b.attn->forward(h1, n_seq, out);
+    add(x, out, x1);
+    b.norm2->forward(x1, h2);
+    if (b.moe)
+      b.moe->forward(h2, out);
+    else
+      b.ffn->forward(h2, out);
+    add(x1, out, rows(x_[static_cast<size_t>(l) + 1], n, d));
+  }
+}
+
+double Transformer::forward(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
+                            double normaliser) {
+  const int64_t n = n_seq * seq_len, d = config_.d_model;
+  MOE_CHECK_EQ(static_cast<int64_t>(windows.size()), n_seq * (seq_len + 1), "windows");
+  n_tokens_ = n;
+  n_seq_ = n_seq;
+  ids_.resize(static_cast<size_t>(n));
+  targets_.resize(static_cast<size_t>(n));
+  for (int64_t s = 0; s < n_seq; ++s)
+    for (int64_t t = 0; t < seq_len; ++t) {
+      ids_[static_cast<size_t>(s * seq_len + t)] =
+          windows[static_cast<size_t>(s * (seq_len + 1) + t)];
+      targets_[static_cast<size_t>(s * seq_len + t)] =
+          windows[static_cast<size_t>(s * (seq_len + 1) + t + 1)];
+    }
+  embed_->forward(ids_, rows(x_[0], n, d));
+  run_blocks(n, n_seq);
+  View h = rows(h_final_, n, d);
+  final_norm_->forward(ConstView(x_.back().data(), n, d), h);
+  return head_->forward(h, targets_, normaliser);
+}
+
+void Transformer::backward(float aux_scale, const std::function<void(size_t)>& on_dense_ready) {
+  const int64_t n = n_tokens_, d = config_.d_model;
+  size_t done = 0;
+  auto ready_until = [&](size_t end) {
+    for (; done < end; ++done)
+      if (on_dense_ready) on_dense_ready(done);
+  };
+  View g = rows(dx_, n, d), tmp = rows(dtmp_, n, d);
+  head_->backward(tmp);  // dL/dh_final
+  ready_until(head_->params().size());
+  final_norm_->backward(tmp, g);  // g = dL/dx_L
+  ready_until(head_->params().size() + final_norm_->params().size());
+  for (int l = config_.n_layers - 1; l >= 0; --l) {
+    Block& b = *blocks_[static_cast<size_t>(l)];
+    if (b.moe)
+      b.moe->backward(g, tmp, aux_scale);
+    else
+      b.ffn->backward(g, tmp);
+    ready_until(b.ffn_params_end);
+    b.norm2->backward(tmp, tmp);
+    ready_until(b.norm2_end);
+    add_into(g, tmp);  // g = dL/dx1
+    b.attn->backward(g, tmp);
+    ready_until(b.attn_end);
+    b.norm1->backward(tmp, tmp);
+    ready_until(b.norm1_end);
+    add_into(g, tmp);  // g = dL/dx_l
+  }
+  embed_->backward(g);
+  ready_until(dense_.size());
+}
+
+ConstView Transformer::last_logits(std::span<const int32_t> ids, int64_t n_seq, int64_t seq_len) {
+  const int64_t n = n_seq * seq_len, d = config_.d_model;
+  MOE_CHECK_EQ(static_cast<int64_t>(ids.size()), n, "ids");
+  n_tokens_ = n;
+  n_seq_ = n_seq;
+  embed_->forward(ids, rows(x_[0], n, d));
+  run_blocks(n, n_seq);
+  // Only the last position of each sequence goes through the final norm and the head.
+  View last = rows(dtmp_, n_seq, d);
+  for (int64_t s = 0; s < n_seq; ++s)
+    std::copy_n(x_.back().data() + ((s + 1) * seq_len - 1) * d, d, last.row(s));
+  View h = rows(h_final_, n_seq, d);
+  final_norm_->forward(last, h);
+  return head_->logits(h);
+}
+
+MoeLayer* Transformer::moe_layer(int block) {
+  return blocks_[static_cast<size_t>(block)]->moe.get();
+}
+
+std::vector<const MoeLayer*> Transformer::moe_layers() const {
+  std::vector<const MoeLayer*> out;
+  for (const auto& b : blocks_)
+    if (b->moe) out.push_back(b->moe.get());
+  return out;
+}
+
+ModelStats Transformer::stats() const {
+  ModelStats s;
+  int64_t routed = 0, dropped = 0;
+  for (const MoeLayer* m : moe_layers()) {
+    const MoeLoadStats& st = m->stats();
+    s.aux_loss += st.aux_loss;
+    s.load_balance_loss += st.load_balance_loss;
+    s.z_loss += st.z_loss;
+    s.expert_imbalance = std::max(s.expert_imbalance, st.load.expert_imbalance);
+    routed += st.load.slots_total;
+    dropped += st.load.slots_dropped;
+    s.exchange_seconds += st.exchange_seconds;
+    s.bytes_sent += st.bytes_sent;
+  }
+  s.drop_rate = routed ? static_cast<double>(dropped) / static_cast<double>(routed) : 0.0;
+  return s;
+}
+
+}  // namespace moe::model

@@ -1,0 +1,132 @@
+// File: transformer.hpp — the decoder-only MoE Transformer: forward, backward, parameters.
+//
+// Notation: B sequences of this rank's micro-batch, T positions, N = B*T tokens, d model width,
+// V vocabulary, L blocks, E experts.
+//
+//   x = embed(ids)                                    token embedding; positions by RoPE
+//   block l:  x += attention(rms_norm(x))             causal MHA, fused QKV
+//             x += ffn_l(rms_norm(x))                 MoE layer when (l + 1) % every_n == 0,
+//                                                     else a dense FFN (every_n = 0: all dense)
+//   loss = cross_entropy(lm_head(rms_norm(x)), targets) / normaliser  + sum_l aux_l
+// The LM head is tied to the embedding or not (model.tie_embeddings). The normaliser is the
+// GLOBAL number of target tokens of the optimiser step, so that summing the ranks' losses over
+// the accumulation steps gives the step's mean loss on any rank count.
+//
+// Parameters come in two kinds: dense ones (embedding, norms, attention, dense FFNs, routers,
+// head), replicated on every rank and averaged over ranks; and experts, owned by one rank each
+// and named by their GLOBAL id ("blocks.3.moe.expert.17.w1"), so checkpoints do not depend on
+// the rank count.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.hpp"
+#include "comm/placement.hpp"
+#include "model/layers/attention.hpp"
+#include "model/layers/embedding.hpp"
+#include "model/layers/ffn.hpp"
+#include "model/layers/lm_head.hpp"
+#include "model/layers/moe_layer.hpp"
+#include "model/layers/rms_norm.hpp"
+#include "runtime/config.hpp"
+
+namespace moe::model {
+
+struct ModelConfig {
+  int64_t vocab_size = 256;
+  int64_t d_model = 256;
+  int n_layers = 4;
+  int n_heads = 4;
+  int64_t d_ff = 1024;  // dense FFN width
+  Activation activation = Activation::kGelu;
+  bool tie_embeddings = true;
+  float norm_eps = 1e-5f;
+  double rope_base = 10000.0;
+  int moe_every_n = 1;  // 0: dense model
+  MoeConfig moe;
+
+  // Reads model.* from the config; vocab_size 0 there means data_vocab. Throws kConfig errors
+  // naming the keys (heads not dividing d_model, a vocabulary smaller than the data's, ...).
+  static ModelConfig from(const Config& config, int64_t data_vocab);
+  bool is_moe(int layer) const { return moe_every_n > 0 && (layer + 1) % moe_every_n == 0; }
+  int n_moe_layers() const;
+  // Parameters per token that a forward touches (top_k of the E experts), excluding the
+  // embedding table (the reference's N_active): 6 N_active + 12 L T d FLOPs per token.
+  double active_params() const;
+  double flops_per_token(int64_t seq_len) const;
+};
+
+// Per-step figures of the MoE layers (summed over layers; rank-local timings).
+struct ModelStats {
+  double aux_loss = 0;           // weighted, global
+  double load_balance_loss = 0;  // unweighted, summed over layers
+  double z_loss = 0;             // unweighted, summed over layers
+  double expert_imbalance = 0;   // max over layers of max/mean expert load
+  double drop_rate = 0;          // dropped / routed slots over all layers
+  double exchange_seconds = 0;   // this rank, inside All2All
+  int64_t bytes_sent = 0;
+};
+
+class Transformer {
+ public:
+  // Collective over comm (MoE layers). Weights from seed; experts placed in contiguous blocks.
+  Transformer(const ModelConfig& config, const comm::Communicator& comm, uint64_t seed);
+  ~Transformer();
+
+  // windows [B, T + 1] (inputs are the first T, targets the last T of each) -> this rank's
+  // loss: sum of its targets' cross-entropy / normaliser. Keeps what backward needs.
+  // Collective (MoE layers): every rank calls, also with B = 0.
+  double forward(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
+                 double normaliser);
+  // ACCUMULATES every gradient. aux_scale multiplies the MoE auxiliary losses in the total loss
+  // (1 / accumulation steps). on_dense_ready(i) is called once dense_params()[i].grad is final
+  // for this micro-step, in the order of dense_params(). Collective.
+  void backward(float aux_scale, const std::function<void(size_t)>& on_dense_ready = {});
+
+  // Logits of the last position of each sequence, for generation: ids [B, T] -> [B, V] view
+  // valid until the next call. Collective.
+  ConstView last_logits(std::span<const int32_t> ids, int64_t n_seq, int64_t seq_len);
+
+  // Replicated parameters in the order backward finishes them; sharded expert parameters.
+  const std::vector<ParamRef>& dense_params() const { return dense_; }
+  const std::vector<ParamRef>& expert_params() const { return experts_; }
+  // Names of the dense parameters that take no weight decay (norm gains).
+  bool no_decay(const std::string& name) const;
+  void zero_grad();
+
+  ModelStats stats() const;
+  const ModelConfig& config() const { return config_; }
+  const comm::ExpertPlacement& placement() const { return placement_; }
+  // The MoE layer of block l, or nullptr for a dense block.
+  MoeLayer* moe_layer(int block);
+  // Every MoE layer, in block order (for load statistics).
+  std::vector<const MoeLayer*> moe_layers() const;
+
+ private:
+  struct Block;
+  void run_blocks(int64_t n_tokens, int64_t n_seq);
+  void collect_params();
+
+  ModelConfig config_;
+  const comm::Communicator& comm_;
+  comm::ExpertPlacement placement_;
+  std::unique_ptr<Embedding> embed_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::unique_ptr<RmsNorm> final_norm_;
+  std::unique_ptr<LmHead> head_;
+  std::vector<ParamRef> dense_, experts_;
+
+  // Activations of the last forward: x_[l] is block l's input [N, d]; x_[L] the final stream.
+  std::vector<Tensor> x_;
+  Tensor h_final_;                      // [N, d] final norm output
+  Tensor dx_, dtmp_;                    // [N, d] backward scratch
+  std::vector<int32_t> ids_, targets_;  // [N]
+  int64_t n_tokens_ = 0, n_seq_ = 0;
+};
+
+}  // namespace moe::model

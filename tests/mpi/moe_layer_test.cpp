@@ -1,0 +1,322 @@
+// MoeLayer distributed == single rank: for the same global weights and global tokens, the
+// output, input gradient and every weight gradient on np = 1, 2, 4 equal a single-rank reference
+// computed inside the same test on a self-communicator (relative error < 1e-5), in dropless,
+// capacity and pipelined modes, GELU and SwiGLU, and under degenerate loads (every token to
+// one expert, experts with nothing, a rank with no tokens).
+#include "model/layers/moe_layer.hpp"
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <random>
+#include <string>
+
+using moe::ConstView;
+using moe::Tensor;
+using moe::View;
+using moe::comm::Communicator;
+using moe::comm::ExpertPlacement;
+using moe::model::Activation;
+using moe::model::MoeConfig;
+using moe::model::MoeLayer;
+
+namespace {
+
+constexpr double kTol = 1e-5;
+
+void randomize(View v, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-scale, scale);
+  for (int64_t i = 0; i < v.rows; ++i)
+    for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
+}
+
+struct Case {
+  std::string name;
+  MoeConfig config;
+  int64_t tokens = 53;  // global
+  int64_t d = 16;
+  // First global token of each rank (size P + 1); empty: even split.
+  std::function<std::vector<int64_t>(int64_t, int)> shard;
+  // Applied to both layers after construction (same global weights).
+  std::function<void(MoeLayer&)> tweak;
+  std::function<void(View)> tweak_x;
+};
+
+Case make_case(std::string name, const MoeConfig& config) {
+  Case c;
+  c.name = std::move(name);
+  c.config = config;
+  return c;
+}
+
+std::vector<int64_t> even_shard(int64_t T, int P) {
+  std::vector<int64_t> b(P + 1);
+  for (int r = 0; r <= P; ++r) b[r] = T * r / P;
+  return b;
+}
+
+void run_case(const Case& c) {
+  Communicator world = Communicator::world();
+  Communicator self = world.split(world.rank(), 0);
+  const int P = world.size(), rank = world.rank();
+  const int64_t T = c.tokens, d = c.d;
+  const int k = c.config.top_k;
+  SCOPED_TRACE(c.name + " np=" + std::to_string(P));
+
+  Tensor x({T, d}), dy({T, d});
+  randomize(x.view(), 101);
+  randomize(dy.view(), 202);
+  if (c.tweak_x) c.tweak_x(x.view());
+
+  // The single-rank reference, on every rank.
+  ExpertPlacement one = ExpertPlacement::blocked(c.config.n_experts, 1);
+  MoeLayer ref("ref", d, c.config, one, self, 1234);
+  if (c.tweak) c.tweak(ref);
+  Tensor y_ref({T, d}), dx_ref({T, d});
+  ref.forward(x.view(), y_ref.view());
+  ref.backward(dy.view(), dx_ref.view(), 0.5f);
+
+  // The distributed layer on this rank's shard.
+  ExpertPlacement placement = ExpertPlacement::blocked(c.config.n_experts, P);
+  MoeLayer layer("moe", d, c.config, placement, world, 1234);
+  if (c.tweak) c.tweak(layer);
+  std::vector<int64_t> b = c.shard ? c.shard(T, P) : even_shard(T, P);
+  const int64_t t0 = b[rank], nt = b[rank + 1] - b[rank];
+  Tensor y({nt, d}), dx({nt, d});
+  ConstView xs = ConstView(x.view()).row_range(t0, nt);
+  // Two steps: buffers are reused, gradients accumulate (so compare against 2x the reference).
+  for (int step = 0; step < 2; ++step) {
+    layer.forward(xs, y.view());
+    layer.backward(ConstView(dy.view()).row_range(t0, nt), dx.view(), 0.5f);
+  }
+
+  EXPECT_LT(moe::max_rel_error(y.view(), ConstView(y_ref.view()).row_range(t0, nt)), kTol);
+  EXPECT_LT(moe::max_rel_error(dx.view(), ConstView(dx_ref.view()).row_range(t0, nt)), kTol);
+  EXPECT_NEAR(layer.aux_loss(), ref.aux_loss(), 1e-6 * (1 + ref.aux_loss()));
+
+  // Router: replicated weights, gradient summed over the data-parallel ranks.
+  Tensor dwr = layer.router().dw().clone();
+  world.allreduce_sum(dwr.data(), dwr.numel());
+  Tensor dwr_ref = ref.router().dw().clone();
+  for (int64_t i = 0; i < dwr_ref.numel(); ++i) dwr_ref[i] *= 2;
+  EXPECT_LT(moe::max_rel_error(dwr.view(), dwr_ref.view()), kTol) << "router dW";
+
+  // Experts by global id (the reference holds expert g in slot g).
+  const std::vector<int>& ids = layer.experts().global_ids();
+  for (int e = 0; e < static_cast<int>(ids.size()); ++e) {
+    const int g = ids[e];
+    EXPECT_EQ(moe::max_rel_error(layer.experts().w1(e), ref.experts().w1(g)), 0.0);
+    Tensor r1({ref.experts().dw1(g).rows, ref.experts().dw1(g).cols});
+    Tensor r2({ref.experts().dw2(g).rows, ref.experts().dw2(g).cols});
+    moe::copy(ref.experts().dw1(g), r1.view());
+    moe::copy(ref.experts().dw2(g), r2.view());
+    for (int64_t i = 0; i < r1.numel(); ++i) r1[i] *= 2;
+    for (int64_t i = 0; i < r2.numel(); ++i) r2[i] *= 2;
+    EXPECT_LT(moe::max_rel_error(layer.experts().dw1(e), r1.view(), 1e-3), kTol) << "expert " << g;
+    EXPECT_LT(moe::max_rel_error(layer.experts().dw2(e), r2.view(), 1e-3), kTol) << "expert " << g;
+  }
+
+  // Load statistics are global and identical to the reference's.
+  const auto &s = layer.stats().load, &sr = ref.stats().load;
+  EXPECT_EQ(s.expert_tokens, sr.expert_tokens);
+  EXPECT_EQ(s.slots_total, sr.slots_total);
+  EXPECT_EQ(s.slots_dropped, sr.slots_dropped);
+  if (c.config.capacity_factor == 0.0) {
+    EXPECT_EQ(s.slots_dropped, 0);
+  }
+  EXPECT_EQ(s.slots_total, T * k);
+}
+
+MoeConfig config(Activation act, double capacity, int chunks, int k = 2) {
+  MoeConfig c;
+  c.n_experts = 8;
+  c.top_k = k;
+  c.d_ff = 24;
+  c.activation = act;
+  c.aux_loss_coef = 0.1;
+  c.z_loss_coef = 0.05;
+  c.capacity_factor = capacity;
+  c.pipeline_chunks = chunks;
+  return c;
+}
+
+// Every token to expert 3: a constant feature that only expert 3's router column sees.
+void hot_expert(MoeLayer& l) {
+  View w = l.router().w().view();
+  for (int64_t e = 0; e < w.cols; ++e) w(0, e) = e == 3 ? 4.0f : 0.0f;
+}
+void hot_feature(View x) {
+  for (int64_t t = 0; t < x.rows; ++t) x(t, 0) = 3.0f;
+}
+// Rank 1 (when there is one) holds no tokens; rank 0 takes its share.
+std::vector<int64_t> empty_rank_1(int64_t T, int P) {
+  std::vector<int64_t> b = even_shard(T, P);
+  if (P > 1) b[1] = b[2];
+  return b;
+}
+
+}  // namespace
+
+class MoeLayerModes
+    : public testing::TestWithParam<std::tuple<Activation, double /*capacity*/, int /*chunks*/>> {};
+
+TEST_P(MoeLayerModes, DistributedEqualsSingleRank) {
+  auto [act, capacity, chunks] = GetParam();
+  Case c = make_case("modes", config(act, capacity, chunks));
+  run_case(c);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, MoeLayerModes,
+                         testing::Combine(testing::Values(Activation::kGelu, Activation::kSwiglu),
+                                          testing::Values(0.0, 1.0, 0.5), testing::Values(1, 3)));
+
+TEST(MoeLayer, AllTokensToOneExpert) {
+  for (double capacity : {0.0, 1.0})
+    for (int chunks : {1, 2}) {
+      Case c = make_case("hot", config(Activation::kGelu, capacity, chunks, 1));
+      c.config.renormalize = false;
+      c.tweak = hot_expert;
+      c.tweak_x = hot_feature;
+      run_case(c);
+    }
+}
+
+TEST(MoeLayer, TopTwoWithOneHotExpertAndIdleOthers) {
+  Case c = make_case("hot-k2", config(Activation::kSwiglu, 0.0, 2, 2));
+  c.tweak = hot_expert;
+  c.tweak_x = hot_feature;
+  run_case(c);
+}
+
+TEST(MoeLayer, RankWithNoTokens) {
+  for (double capacity : {0.0, 1.25})
+    for (int chunks : {1, 3}) {
+      Case c = make_case("empty-rank", config(Activation::kGelu, capacity, chunks));
+      c.shard = empty_rank_1;
+      run_case(c);
+    }
+}
+
+TEST(MoeLayer, FewerTokensThanChunks) {
+  Case c = make_case("tiny", config(Activation::kGelu, 0.0, 4));
+  c.tokens = 3;
+  run_case(c);
+}
+
+TEST(MoeLayer, DroppedSlotsContributeZero) {
+  // Capacity mode on one rank: a token whose slots are all kept matches the dropless layer, a
+  // token whose slots are all dropped gets y = 0, and the drop rate is reported.
+  Communicator world = Communicator::world();
+  Communicator self = world.split(world.rank(), 0);
+  MoeConfig cfg = config(Activation::kGelu, 0.6, 1);
+  ExpertPlacement one = ExpertPlacement::blocked(cfg.n_experts, 1);
+  MoeLayer dropping("a", 16, cfg, one, self, 7);
+  cfg.capacity_factor = 0.0;
+  MoeLayer dropless("b", 16, cfg, one, self, 7);
+  const int64_t T = 40;
+  Tensor x({T, 16}), ya({T, 16}), yb({T, 16});
+  randomize(x.view(), 3);
+  dropping.forward(x.view(), ya.view());
+  dropless.forward(x.view(), yb.view());
+  const auto& load = dropping.stats().load;
+  EXPECT_GT(load.slots_dropped, 0);
+  EXPECT_DOUBLE_EQ(load.drop_rate(), double(load.slots_dropped) / load.slots_total);
+  const std::vector<uint8_t>& kept = dropping.plan().kept();
+  int all_kept = 0, none_kept = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int n = kept[2 * t] + kept[2 * t + 1];
+    ConstView a = ConstView(ya.view()).row_range(t, 1), b = ConstView(yb.view()).row_range(t, 1);
+    if (n == 2) {
+      ++all_kept;
+      EXPECT_LT(moe::max_rel_error(a, b), 1e-6) << "token " << t;
+    } else if (n == 0) {
+      ++none_kept;
+      for (int64_t c = 0; c < 16; ++c) EXPECT_EQ(a(0, c), 0.0f) << "token " << t;
+    }
+  }
+  EXPECT_GT(all_kept, 0);
+  EXPECT_GT(none_kept, 0);
+}
+
+TEST(MoeLayer, DirectionalDerivativesMatchFiniteDifferences) {
+  // The layer's own glue (weighted combine, dweight = <dy, slot_out>, per-token sum of dx, the
+  // aux-loss scale) against central differences of L = <C, y> + s aux along random directions,
+  // on one rank, in fp32. The loss (~1) is summed in double from fp32 outputs (~1e-7 relative
+  // each, ~1e-7 absolute in L after cancellation of the common rounding), so with h = 1e-3 the
+  // difference quotient carries ~1e-5 absolute noise (observed <= 1.5e-5) and O(h^2) truncation
+  // ~1e-6 relative: tolerance 5e-5 + 1e-3 |fd|. Scaling dweight by 0.9 fails it.
+  Communicator world = Communicator::world();
+  Communicator self = world.split(world.rank(), 0);
+  for (int chunks : {1, 2}) {
+    MoeConfig cfg = config(Activation::kSwiglu, 0.0, chunks);
+    cfg.aux_loss_coef = 0.5;
+    cfg.z_loss_coef = 0.2;
+    ExpertPlacement one = ExpertPlacement::blocked(cfg.n_experts, 1);
+    MoeLayer layer("fd", 8, cfg, one, self, 11);
+    const int64_t T = 20, d = 8;
+    const float s = 0.5f;
+    Tensor x({T, d}), c({T, d}), y({T, d}), dx({T, d});
+    randomize(x.view(), 1);
+    randomize(c.view(), 2);
+    auto loss = [&]() {
+      layer.forward(x.view(), y.view());
+      double l = s * layer.aux_loss();
+      for (int64_t i = 0; i < T * d; ++i) l += double(c[i]) * y[i];
+      return l;
+    };
+    loss();
+    layer.zero_grad();
+    layer.backward(c.view(), dx.view(), s);
+    const double h = 1e-3;
+    auto check = [&](View value, ConstView grad, const std::string& what, uint32_t seed) {
+      Tensor v({value.rows, value.cols}), orig({value.rows, value.cols});
+      randomize(v.view(), seed);
+      moe::copy(value, orig.view());
+      double analytic = 0.0;
+      for (int64_t i = 0; i < value.rows; ++i)
+        for (int64_t j = 0; j < value.cols; ++j)
+          analytic += double(grad(i, j)) * v[i * value.cols + j];
+      auto shift = [&](double a) {
+        for (int64_t i = 0; i < value.rows; ++i)
+          for (int64_t j = 0; j < value.cols; ++j)
+            value(i, j) = orig[i * value.cols + j] + static_cast<float>(a) * v[i * value.cols + j];
+      };
+      shift(h);
+      const double lp = loss();
+      shift(-h);
+      const double lm = loss();
+      moe::copy(orig.view(), value);
+      const double fd = (lp - lm) / (2 * h);
+      EXPECT_NEAR(analytic, fd, 5e-5 + 1e-3 * std::abs(fd)) << what << " chunks " << chunks;
+    };
+    check(x.view(), dx.view(), "x", 3);
+    uint32_t seed = 10;
+    for (moe::model::ParamRef& p : layer.params()) check(p.value, p.grad, p.name, seed++);
+  }
+}
+
+TEST(MoeConfig, FromConfigDefaultsAndOverrides) {
+  MoeConfig d = MoeConfig::from(moe::Config());
+  EXPECT_EQ(d.n_experts, 8);
+  EXPECT_EQ(d.top_k, 2);
+  EXPECT_EQ(d.d_ff, 2048);
+  EXPECT_EQ(d.activation, Activation::kGelu);
+  EXPECT_TRUE(d.renormalize);
+  EXPECT_EQ(d.capacity_factor, 0.0);
+  EXPECT_EQ(d.pipeline_chunks, 1);
+  moe::Config c = moe::Config::parse(
+      "model:\n  moe:\n    activation: swiglu\n    capacity_factor: 1.25\n    top_k: 1\n",
+      "t.yaml");
+  c.set("model.moe.pipeline_chunks=4");
+  MoeConfig o = MoeConfig::from(c);
+  EXPECT_EQ(o.activation, Activation::kSwiglu);
+  EXPECT_EQ(o.capacity_factor, 1.25);
+  EXPECT_EQ(o.top_k, 1);
+  EXPECT_EQ(o.pipeline_chunks, 4);
+  EXPECT_THROW(moe::Config::parse("model:\n  moe:\n    activation: relu\n", "t.yaml"), moe::Error);
+  EXPECT_THROW(moe::Config::parse("model:\n  moe:\n    top_k: 0\n", "t.yaml"), moe::Error);
+  moe::Config big;
+  big.set("model.moe.top_k=9");
+  EXPECT_THROW(MoeConfig::from(big), moe::Error);  // top_k > num_experts
+}
