@@ -18,8 +18,26 @@
 // order, including ranks that send or receive nothing. MPI counts are in rows (an MPI datatype of
 // d contiguous floats), so rows * d may exceed INT_MAX; more than INT_MAX rows to or from one
 // rank is rejected with an Error(kComm) naming the exchange, never truncated.
+//
+// Node-local single-copy path. When every rank of the communicator is on one node, the
+// *_shared calls move rows through MPI-3 shared-memory windows instead of MPI_Alltoallv: each
+// rank owns an input window [R, d] (expert-grouped rows it receives) and an output window
+// [R, d] (its experts' outputs). dispatch_shared has every sender copy each kept slot's token
+// row straight into its final expert-grouped row of the owner's input window; combine_shared
+// has every rank read its slot rows straight out of the owners' output windows. One copy per
+// row, no packing, no regrouping; the results are bitwise those of dispatch / combine.
+//   y_in = dispatch_shared(plan, x);            // [R, d] view of this rank's input window
+//   View y = combine_buffer(plan, d);           // experts write their outputs here
+//   experts(y_in -> y);
+//   combine_shared(plan, slot_out);             // [T*k, d], zeros for dropped / empty slots
+// Windows grow geometrically and collectively (every rank knows every rank's R from the plan);
+// in steady state nothing is allocated. Synchronisation is a node barrier (with MPI_Win_sync)
+// before rows are written into another rank's window and after, so the data is visible: two
+// barriers per dispatch_shared, one per combine_shared, and one in combine_buffer only when no
+// barrier has passed since the previous combine_shared.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -66,6 +84,32 @@ class Exchange {
   void combine_start(const DispatchPlan& plan, ConstView y);
   void combine_wait(const DispatchPlan& plan, View out);
 
+  // ---- Node-local shared-memory path (see the top of this file) ----
+  // True when every rank of the communicator is on one node. Collective on its first call
+  // (it splits off the node communicator); a cached flag afterwards. When false, every *_shared
+  // call throws Error(kInternal) on every rank and callers use the MPI path.
+  bool shared_available() const;
+  // Token rows x [T, d] -> [R, d] view of this rank's input window holding exactly what
+  // dispatch(plan, x, out) writes to out. Valid until the next dispatch_shared or
+  // dispatch_slots_shared on this Exchange (or its destruction); the caller may read it and
+  // write nothing into it. Collective (node barriers; may re-allocate the input windows).
+  ConstView dispatch_shared(const DispatchPlan& plan, ConstView x);
+  // Slot rows s [T*k, d] -> [R, d] view, as dispatch_slots(plan, s, out) (combine^T). Same
+  // lifetime and collectiveness as dispatch_shared; it reuses the same input window.
+  ConstView dispatch_slots_shared(const DispatchPlan& plan, ConstView s);
+  // [R, d] view of this rank's output window, for the experts to write their outputs into.
+  // Collective: before returning, every rank has finished reading the previous combine_shared
+  // (a node barrier, skipped when one already passed on this exchange since, as in a
+  // dispatch_shared -> combine_buffer -> combine_shared round); it may re-allocate the output
+  // windows. Contents are unspecified on return. Valid until the next combine_buffer on this
+  // Exchange; the rows must be written before combine_shared.
+  View combine_buffer(const DispatchPlan& plan, int64_t d);
+  // Slot rows out [T*k, d] read straight from the owners' output windows, as
+  // combine(plan, y, out) with y the rows written into combine_buffer(plan, d); dropped and
+  // empty slots get zeros. Must follow combine_buffer with the same plan (on every rank).
+  // Collective (one node barrier).
+  void combine_shared(const DispatchPlan& plan, View out);
+
   const ExchangeStats& stats() const { return stats_; }
   const Communicator& comm() const { return comm_; }
 
@@ -90,6 +134,9 @@ class Exchange {
                   const std::vector<int64_t>& send_displs, const std::vector<int64_t>& recv_counts,
                   const std::vector<int64_t>& recv_displs, const char* what);
   MPI_Datatype row_type(int64_t d);
+  struct Shared;  // node communicator and shared windows (exchange.cpp)
+  Shared& shared(const char* what);
+  ConstView shared_forward(const DispatchPlan& plan, ConstView src, bool by_slot);
 
   const Communicator& comm_;
   std::string name_;
@@ -97,6 +144,9 @@ class Exchange {
   Movement dispatch_, combine_;
   MPI_Datatype row_type_ = MPI_DATATYPE_NULL;  // d contiguous floats: counts are rows
   int64_t row_type_d_ = 0;
+  // Created by the first shared_available() or *_shared call. Destroying an Exchange whose
+  // windows exist is collective over the node (MPI_Win_free), as its construction was.
+  mutable std::unique_ptr<Shared> shared_;
 };
 
 }  // namespace moe::comm

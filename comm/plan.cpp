@@ -192,6 +192,15 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
   expert_kept[E] = n_cand;
   expert_kept[E + 1] = n_cand - plan.n_send();
 
+  // Rows lower ranks send to each (rank, local expert): where this rank's rows start within
+  // that expert's group at the destination (the layout is ordered by source rank). One small
+  // scan instead of gathering the whole [P][P][E_l] count matrix.
+  std::vector<int64_t> lower_cnt(send_cnt.size(), 0);  // [P][max_local]
+  MOE_MPI_CHECK(MPI_Exscan(send_cnt.data(), lower_cnt.data(), int(send_cnt.size()), MPI_INT64_T,
+                           MPI_SUM, comm.raw()),
+                "dispatch plan: scan counts");
+  if (me == 0) std::fill(lower_cnt.begin(), lower_cnt.end(), 0);  // Exscan leaves rank 0 undefined
+
   std::vector<int64_t> recv_cnt(send_cnt.size(), 0);  // [P][max_local]: source q, my expert e
   MOE_MPI_CHECK(MPI_Alltoall(send_cnt.data(), max_local, MPI_INT64_T, recv_cnt.data(), max_local,
                              MPI_INT64_T, comm.raw()),
@@ -234,6 +243,20 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
   for (int e = 0; e < E; ++e) st.rank_tokens[placement.owner(e)] += st.expert_tokens[e];
   st.slots_total = expert_kept[E];
   st.slots_dropped = expert_kept[E + 1];
+  // Send blocks: destination row = the global rows of the destination's earlier experts plus
+  // the rows of lower source ranks for this expert.
+  for (int r = 0; r < P; ++r) {
+    int64_t expert_base = 0, send_row = plan.send_displs_[r];
+    for (int e = 0; e < placement.n_local(r); ++e) {
+      const int64_t n = send_cnt[size_t(r) * max_local + e];
+      if (n > 0) {
+        plan.send_blocks_.push_back(
+            {send_row, expert_base + lower_cnt[size_t(r) * max_local + e], n, r});
+      }
+      send_row += n;
+      expert_base += st.expert_tokens[placement.local_experts(r)[e]];
+    }
+  }
   st.expert_imbalance = max_over_mean(st.expert_tokens);
   st.rank_imbalance = max_over_mean(st.rank_tokens);
   return plan;

@@ -56,10 +56,21 @@ struct RowBlock {
   int source = 0;  // source rank
 };
 
+// A run of sent rows that lands contiguously in one destination rank's expert-grouped layout:
+// the rows this rank sends to one expert. Used by the node-local shared-memory exchange, where
+// the sender writes (dispatch) or reads (combine) the destination's rows directly.
+struct SendBlock {
+  int64_t send = 0;      // first send row (index into send_slot())
+  int64_t dest_row = 0;  // first row in the destination rank's expert-grouped layout [R_dest, d]
+  int64_t rows = 0;
+  int dest = 0;  // destination rank
+};
+
 class DispatchPlan {
  public:
-  // Collective over comm: exchanges counts (MPI_Alltoall) and, in capacity mode, the slot
-  // metadata needed for the global drop decision. Every rank calls it, even with T = 0.
+  // Collective over comm: exchanges counts (MPI_Alltoall), sums them over lower ranks
+  // (MPI_Exscan, for send_blocks) and, in capacity mode, the slot metadata needed for the global
+  // drop decision. Every rank calls it, even with T = 0.
   static DispatchPlan build(const RoutingView& routing, const ExpertPlacement& placement,
                             const PlanOptions& options, const Communicator& comm);
 
@@ -87,6 +98,12 @@ class DispatchPlan {
   const LoadStats& stats() const { return stats_; }
   // Non-empty (rank, local expert) blocks in expert-grouped order: for e, for source rank.
   const std::vector<RowBlock>& recv_blocks() const { return recv_blocks_; }
+  // Non-empty (destination rank, local expert) blocks of the send rows, in send order; they
+  // cover send rows [0, n_send()) exactly. dest_row places this rank's rows after those of
+  // lower source ranks within the destination's expert group.
+  const std::vector<SendBlock>& send_blocks() const { return send_blocks_; }
+  // Rows every rank receives (R of each rank), identical on every rank. [P]
+  const std::vector<int64_t>& rank_recv_rows() const { return stats_.rank_tokens; }
   // Slots per expert in capacity mode (identical on every rank); 0 in dropless mode.
   int64_t capacity() const { return capacity_; }
   // Global index of this rank's first token: the sum of T over lower ranks.
@@ -99,6 +116,7 @@ class DispatchPlan {
   std::vector<int64_t> recv_offsets_, recv_order_;
   std::vector<uint8_t> kept_;
   std::vector<RowBlock> recv_blocks_;
+  std::vector<SendBlock> send_blocks_;
   int64_t capacity_ = 0;
   int64_t token_offset_ = 0;
   LoadStats stats_;

@@ -480,6 +480,41 @@ std::string save(const std::string& dir, const std::vector<TensorEntry>& dense,
   return final_dir;
 }
 
+namespace {
+
+// The model.h5 of a checkpoint root (following `latest`) or of one step directory.
+std::string checkpoint_file(const std::string& path) {
+  if (fs::exists(fs::path(path) / kFileName)) return (fs::path(path) / kFileName).string();
+  if (fs::exists(fs::path(path) / "latest")) {
+    const std::string dir = latest(path);
+    if (dir.empty()) fail((fs::path(path) / "latest").string(), "empty checkpoint pointer");
+    std::string file_path = (fs::path(dir) / kFileName).string();
+    if (!fs::exists(file_path)) fail(file_path, "no such file (named by 'latest')");
+    return file_path;
+  }
+  if (fs::exists(path))
+    fail(path, cat("not a checkpoint: neither ", kFileName, " nor 'latest' in it"));
+  fail(path, "no such checkpoint directory");
+}
+
+// Opens a checkpoint file and checks its format version.
+h5::File open_checkpoint(const std::string& file_path) {
+  h5::File f = h5::File::open(file_path);
+  if (!f.has_attr("format_version"))
+    fail(file_path, "not a checkpoint (no format_version attribute)");
+  const int64_t version = f.attr_int("format_version");
+  if (version != kFormatVersion)
+    fail(file_path,
+         cat("checkpoint format_version ", version, ", this build reads ", kFormatVersion));
+  return f;
+}
+
+}  // namespace
+
+std::string read_config(const std::string& path) {
+  return open_checkpoint(checkpoint_file(path)).attr_string("config");
+}
+
 Metadata load(const std::string& path, const std::vector<TensorEntry>& dense,
               const std::vector<ExpertEntry>& experts, const comm::Communicator& comm) {
   const auto manifests = gather_manifests(dense, experts, comm, "checkpoint load");
@@ -489,26 +524,8 @@ Metadata load(const std::string& path, const std::vector<TensorEntry>& dense,
   Metadata meta;
   std::string err;
   attempt(err, [&] {
-    std::string file_path;
-    if (fs::exists(fs::path(path) / kFileName)) {
-      file_path = (fs::path(path) / kFileName).string();
-    } else if (fs::exists(fs::path(path) / "latest")) {
-      const std::string dir = latest(path);
-      if (dir.empty()) fail((fs::path(path) / "latest").string(), "empty checkpoint pointer");
-      file_path = (fs::path(dir) / kFileName).string();
-      if (!fs::exists(file_path)) fail(file_path, "no such file (named by 'latest')");
-    } else if (fs::exists(path)) {
-      fail(path, cat("not a checkpoint: neither ", kFileName, " nor 'latest' in it"));
-    } else {
-      fail(path, "no such checkpoint directory");
-    }
-    const h5::File f = h5::File::open(file_path);
-    if (!f.has_attr("format_version"))
-      fail(file_path, "not a checkpoint (no format_version attribute)");
-    const int64_t version = f.attr_int("format_version");
-    if (version != kFormatVersion)
-      fail(file_path,
-           cat("checkpoint format_version ", version, ", this build reads ", kFormatVersion));
+    const std::string file_path = checkpoint_file(path);
+    const h5::File f = open_checkpoint(file_path);
     meta.step = f.attr_int("step");
     meta.seed = f.attr_int("seed");
     meta.data_position = f.attr_int("data_position");

@@ -99,4 +99,8 @@ std::string latest(const std::string& dir);
 Metadata load(const std::string& path, const std::vector<TensorEntry>& dense,
               const std::vector<ExpertEntry>& experts, const comm::Communicator& comm);
 
+// The resolved configuration stored in a checkpoint (root or step directory). Local; throws a
+// data Error naming the file when it is missing or not a checkpoint.
+std::string read_config(const std::string& path);
+
 }  // namespace moe::checkpoint

@@ -2,14 +2,22 @@
 // moving the same byte counts, both measured in the same run, the same way.
 //
 //   mpirun -np 2 moe-bench all2all [--tokens 4096] [--d-model 512] [--experts 8] [--top-k 2]
-//                                  [--samples 7] [--min-time 0.2] [--json]
+//                                  [--samples 7] [--min-time 0.2] [--rounds 31] [--json]
 //
-// Routing is random top-k over distinct experts (dropless), seeded per rank. "Ours" is
-// Exchange::dispatch (token rows -> expert-grouped rows) followed by Exchange::combine (back to
-// slot rows), including the packing and regrouping they do. "Raw" is two MPI_Alltoallv calls on
-// contiguous buffers with exactly the per-rank byte counts of the plan (self included), one in
-// each direction. Samples alternate between the two so background load hits both alike; a
-// sample's time is the slowest rank's; the figure is the median sample.
+// Routing is random top-k over distinct experts (dropless), seeded per rank. Two paths of ours:
+// - alltoallv: Exchange::dispatch (token rows -> expert-grouped rows) followed by
+//   Exchange::combine (back to slot rows), including the packing and regrouping they do;
+// - shared (when all ranks are on one node): Exchange::dispatch_shared, combine_buffer and
+//   combine_shared. The identity "experts" copying the dispatched rows into combine_buffer sit
+//   between them and are not timed: they stand for the expert computation, which writes there.
+// "Raw" is two MPI_Alltoallv calls on contiguous buffers with exactly the per-rank byte counts of
+// the plan (self included), one in each direction. Samples alternate between the paths so
+// background load hits all alike; a sample's time is the slowest rank's; the figure is the
+// median sample. exchange_ratio_vs_mpi in the JSON is the best available path's ratio.
+// A second, interleaved measurement times single rounds, one of each path in turn, so every
+// path starts from the cache state another left (as in a layer, where expert GEMMs run between
+// exchanges) instead of repeating itself on a hot cache; the raw reference gains most from
+// repetition, its working set being the smallest. Median round, slowest rank.
 #include <mpi.h>
 
 #include <algorithm>
@@ -37,6 +45,16 @@ double timed(const comm::Communicator& w, const std::function<void()>& f, int64_
   return w.max(MPI_Wtime() - t0, "all2all bench: sample time") / double(reps);
 }
 
+// Seconds per call spent in the timed part of f (f adds it to `part`), over `reps` calls, as seen
+// by the slowest rank. Collective.
+double timed_part(const comm::Communicator& w, const std::function<void()>& f, double& part,
+                  int64_t reps) {
+  w.barrier("all2all bench: sample");
+  part = 0.0;
+  for (int64_t i = 0; i < reps; ++i) f();
+  return w.max(part, "all2all bench: sample time") / double(reps);
+}
+
 // Repetitions per sample so that one sample lasts about min_time, agreed from rank 0.
 int64_t calibrate(const comm::Communicator& w, const std::function<void()>& f, double min_time) {
   f();  // warm-up: buffers sized, MPI connections made
@@ -56,6 +74,7 @@ int bench_all2all(const std::vector<std::string>& argv) {
   const int64_t T = args.get_int("--tokens", 4096), d = args.get_int("--d-model", 512);
   const int E = int(args.get_int("--experts", 8)), k = int(args.get_int("--top-k", 2));
   const int samples = int(args.get_int("--samples", 7));
+  const int rounds = int(args.get_int("--rounds", 31));
   const double min_time = args.get_float("--min-time", 0.2);
   const bool json = args.flag("--json");
   if (k < 1 || k > E) throw Error(ErrorKind::kConfig, cat("all2all bench: top-k ", k, " of ", E));
@@ -93,13 +112,35 @@ int bench_all2all(const std::vector<std::string>& argv) {
     ex.combine(plan, ConstView(expert_in.data(), R, d), View(slot_out.data(), T * k, d));
   };
 
-  // Check once that the rows came home, so the figure is for a correct exchange.
-  ours();
-  int64_t wrong = 0;
-  for (int64_t s = 0; s < T * k; ++s)
-    wrong += std::memcmp(slot_out.data() + s * d, x.data() + (s / k) * d, sizeof(float) * d) != 0;
-  if (w.any(wrong > 0))
-    throw Error(ErrorKind::kInternal, cat("all2all bench: ", wrong, " slot rows did not return"));
+  // The node-local path: one copy each way through shared windows; only the exchange is timed.
+  const bool shared = ex.shared_available();
+  double shared_part = 0.0;
+  auto ours_shared = [&] {
+    double t0 = MPI_Wtime();
+    ConstView in = ex.dispatch_shared(plan, ConstView(x.data(), T, d));
+    View y = ex.combine_buffer(plan, d);
+    shared_part += MPI_Wtime() - t0;
+    if (R > 0) std::memcpy(y.data, in.data, sizeof(float) * size_t(R * d));  // identity experts
+    t0 = MPI_Wtime();
+    ex.combine_shared(plan, View(slot_out.data(), T * k, d));
+    shared_part += MPI_Wtime() - t0;
+  };
+
+  // Check once per path that the rows came home, so the figures are for a correct exchange.
+  for (int path = 0; path < (shared ? 2 : 1); ++path) {
+    slot_out.fill(-1.0f);
+    if (path == 0) {
+      ours();
+    } else {
+      ours_shared();
+    }
+    int64_t wrong = 0;
+    for (int64_t s = 0; s < T * k; ++s)
+      wrong += std::memcmp(slot_out.data() + s * d, x.data() + (s / k) * d, sizeof(float) * d) != 0;
+    if (w.any(wrong > 0))
+      throw Error(ErrorKind::kInternal, cat("all2all bench: ", wrong, " slot rows did not return (",
+                                            path ? "shared" : "alltoallv", " path)"));
+  }
 
   // Raw MPI_Alltoallv with the plan's byte counts (self included), there and back.
   std::vector<int> sc(P), sd(P), rc(P), rd(P);
@@ -122,13 +163,26 @@ int bench_all2all(const std::vector<std::string>& argv) {
   };
 
   const int64_t reps_ours = calibrate(w, ours, min_time);
+  const int64_t reps_shared = shared ? calibrate(w, ours_shared, min_time) : 0;
   const int64_t reps_raw = calibrate(w, raw, min_time);
-  std::vector<double> t_ours, t_raw;
+  std::vector<double> t_ours, t_shared, t_raw;
   for (int s = 0; s < samples; ++s) {
     t_ours.push_back(timed(w, ours, reps_ours));
+    if (shared) t_shared.push_back(timed_part(w, ours_shared, shared_part, reps_shared));
     t_raw.push_back(timed(w, raw, reps_raw));
   }
   const double s_ours = median(t_ours), s_raw = median(t_raw);
+  const double s_shared = shared ? median(t_shared) : 0.0;
+
+  std::vector<double> i_ours, i_shared, i_raw;
+  for (int r = 0; r < rounds; ++r) {
+    i_ours.push_back(timed(w, ours, 1));
+    if (shared) i_shared.push_back(timed_part(w, ours_shared, shared_part, 1));
+    i_raw.push_back(timed(w, raw, 1));
+  }
+  const double si_ours = median(i_ours), si_raw = median(i_raw);
+  const double si_shared = shared ? median(i_shared) : 0.0;
+  const double iratio = si_raw / si_ours, iratio_shared = shared ? si_raw / si_shared : 0.0;
 
   // Bytes per iteration: every kept slot's row goes out and comes back (self included).
   const int64_t bytes_rank = 2 * plan.n_send() * d * int64_t(sizeof(float));
@@ -136,6 +190,9 @@ int bench_all2all(const std::vector<std::string>& argv) {
   int64_t remote_rows = plan.n_send() - plan.send_counts()[me];
   const int64_t bytes_remote = w.sum(2 * remote_rows * d * int64_t(sizeof(float)));
   const double ratio = s_raw / s_ours;
+  const double ratio_shared = shared ? s_raw / s_shared : 0.0;
+  const bool best_shared = shared && ratio_shared > ratio;
+  const double s_best = best_shared ? s_shared : s_ours;
   const comm::LoadStats& st = plan.stats();
 
   if (me == 0) {
@@ -145,27 +202,53 @@ int bench_all2all(const std::vector<std::string>& argv) {
         "bytes per dispatch+combine: %.1f MB total (%.1f MB between ranks); plan build "
         "%.3f ms; expert imbalance %.3f\n\n",
         bytes_total / 1e6, bytes_remote / 1e6, plan_s * 1e3, st.expert_imbalance);
-    std::printf("%-34s %10s %10s %8s\n", "", "ms", "GB/s", "ratio");
-    std::printf("%-34s %10.3f %10.2f %8.3f\n", "ours: dispatch + combine", s_ours * 1e3,
+    std::printf("%-40s %10s %10s %8s\n", "", "ms", "GB/s", "ratio");
+    std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, alltoallv: dispatch + combine", s_ours * 1e3,
                 bytes_total / s_ours / 1e9, ratio);
-    std::printf("%-34s %10.3f %10.2f %8.3f\n", "raw MPI_Alltoallv x2 (same bytes)", s_raw * 1e3,
+    if (shared) {
+      std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, shared: dispatch/combine_shared",
+                  s_shared * 1e3, bytes_total / s_shared / 1e9, ratio_shared);
+    } else {
+      std::printf("%-40s %10s %10s %8s\n", "ours, shared (ranks span nodes)", "-", "-", "-");
+    }
+    std::printf("%-40s %10.3f %10.2f %8.3f\n", "raw MPI_Alltoallv x2 (same bytes)", s_raw * 1e3,
                 bytes_total / s_raw / 1e9, 1.0);
+    std::printf("\ninterleaved single rounds (%d, median):\n", rounds);
+    std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, alltoallv", si_ours * 1e3,
+                bytes_total / si_ours / 1e9, iratio);
+    if (shared)
+      std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, shared", si_shared * 1e3,
+                  bytes_total / si_shared / 1e9, iratio_shared);
+    std::printf("%-40s %10.3f %10.2f %8.3f\n", "raw MPI_Alltoallv x2", si_raw * 1e3,
+                bytes_total / si_raw / 1e9, 1.0);
     if (json) {
-      nlohmann::json out = {{"bench", "all2all"},
-                            {"ranks", P},
-                            {"tokens_per_rank", T},
-                            {"d_model", d},
-                            {"experts", E},
-                            {"top_k", k},
-                            {"bytes", bytes_total},
-                            {"bytes_between_ranks", bytes_remote},
-                            {"seconds", s_ours},
-                            {"seconds_mpi", s_raw},
-                            {"throughput_gbs", bytes_total / s_ours / 1e9},
-                            {"throughput_mpi_gbs", bytes_total / s_raw / 1e9},
-                            {"plan_seconds", plan_s},
-                            {"samples", samples},
-                            {"exchange_ratio_vs_mpi", ratio}};
+      nlohmann::json out = {
+          {"bench", "all2all"},
+          {"ranks", P},
+          {"tokens_per_rank", T},
+          {"d_model", d},
+          {"experts", E},
+          {"top_k", k},
+          {"bytes", bytes_total},
+          {"bytes_between_ranks", bytes_remote},
+          {"exchange_path", best_shared ? "shared" : "alltoallv"},
+          {"seconds", s_best},
+          {"seconds_alltoallv", s_ours},
+          {"seconds_shared", shared ? nlohmann::json(s_shared) : nullptr},
+          {"seconds_mpi", s_raw},
+          {"throughput_gbs", bytes_total / s_best / 1e9},
+          {"throughput_mpi_gbs", bytes_total / s_raw / 1e9},
+          {"plan_seconds", plan_s},
+          {"samples", samples},
+          {"exchange_ratio_vs_mpi", best_shared ? ratio_shared : ratio},
+          {"exchange_ratio_vs_mpi_alltoallv", ratio},
+          {"exchange_ratio_vs_mpi_shared", shared ? nlohmann::json(ratio_shared) : nullptr},
+          {"rounds", rounds},
+          {"seconds_mpi_interleaved", si_raw},
+          {"exchange_ratio_vs_mpi_interleaved", std::max(iratio, iratio_shared)},
+          {"exchange_ratio_vs_mpi_alltoallv_interleaved", iratio},
+          {"exchange_ratio_vs_mpi_shared_interleaved",
+           shared ? nlohmann::json(iratio_shared) : nullptr}};
       std::printf("%s\n", out.dump().c_str());
     }
   }

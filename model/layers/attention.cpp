@@ -161,15 +161,17 @@ ConstView Attention::probs(int64_t b, int64_t h) const {
 }
 
 void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
-  MOE_CHECK(n_seq >= 1 && x.rows % n_seq == 0, name_, ".forward: ", x.rows, " rows are not n_seq ",
-            n_seq, " sequences of equal length");
-  const int64_t n = x.rows, T = n / n_seq, d = d_, H = h_, dh = dh_;
+  // n_seq = 0 with no rows is a rank with no tokens (e.g. a generation step served elsewhere).
+  MOE_CHECK(n_seq >= 0 && (n_seq == 0 ? x.rows == 0 : x.rows % n_seq == 0), name_,
+            ".forward: ", x.rows, " rows are not n_seq ", n_seq, " sequences of equal length");
+  const int64_t n = x.rows, T = n_seq ? n / n_seq : 0, d = d_, H = h_, dh = dh_;
   MOE_CHECK_SHAPE(x, n, d, cat(name_, ".forward x"));
   MOE_CHECK_SHAPE(y, n, d, cat(name_, ".forward y"));
   MOE_CHECK(pos0 >= 0, name_, ".forward: pos0 ", pos0);
   x_ = x;
   n_seq_ = n_seq;
   t_ = T;
+  if (n == 0) return;
   View qkv = scratch(qkv_, n, 3 * d);
   View att = scratch(att_, n, d);
   float* probs = scratch(probs_, n_seq * H * T, T).data;
@@ -217,6 +219,7 @@ void Attention::backward(ConstView dy, View dx) {
   const int64_t n = x_.rows, T = t_, d = d_, H = h_, dh = dh_;
   MOE_CHECK_SHAPE(dy, n, d, cat(name_, ".backward dy"));
   MOE_CHECK_SHAPE(dx, n, d, cat(name_, ".backward dx"));
+  if (n == 0) return;
   ConstView qkv(qkv_.data(), n, 3 * d);
   ConstView att(att_.data(), n, d);
   View datt = scratch(datt_, n, d);

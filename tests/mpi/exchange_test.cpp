@@ -1,6 +1,7 @@
 // DispatchPlan and Exchange under mpirun -np 1, 2 and 4: identity round trips, the adjoint
 // identity, non-blocking == blocking bitwise, capacity drops that do not depend on the rank
-// count, degenerate loads and global load statistics.
+// count, degenerate loads, global load statistics, and the node-local shared-memory path
+// (dispatch_shared / combine_shared) bitwise equal to the MPI path.
 //
 // Global routings are built from a seed on every rank; each rank takes a contiguous share of the
 // global tokens, so results can be compared with what a single rank would decide.
@@ -455,4 +456,229 @@ TEST(Exchange, DefaultPlanIsEmptyAndExchangeIsMovable) {
   Exchange b(std::move(a));  // the moved-to exchange keeps working with its row type
   b.dispatch(plan, ConstView(x.data(), T, d), rows_view(y, plan.n_recv(), d));
   EXPECT_EQ(b.stats().bytes_sent, 2 * (plan.n_send() - plan.send_counts()[w.rank()]) * d * 4);
+}
+
+// ---- Node-local shared-memory path: bitwise equal to the MPI path ----
+
+namespace {
+
+bool rows_equal(ConstView a, ConstView b) {
+  if (a.rows != b.rows || a.cols != b.cols) return false;
+  for (int64_t i = 0; i < a.rows; ++i)
+    if (std::memcmp(a.row(i), b.row(i), sizeof(float) * size_t(a.cols)) != 0) return false;
+  return true;
+}
+
+// Runs dispatch, dispatch_slots and combine through both paths of `ex` on the same inputs and
+// checks the shared results equal the MPI ones bitwise. The shared combine reads what this rank
+// wrote into combine_buffer; the MPI combine the same rows from a private tensor. Between the
+// shared calls the MPI path runs too, so the two interleave.
+void check_shared_equals_mpi(Exchange& ex, const DispatchPlan& plan, int64_t d, uint64_t seed,
+                             const Communicator& comm) {
+  const int k = plan.k();
+  const int64_t T = plan.n_tokens(), R = plan.n_recv();
+  Tensor x = random_rows(seed + comm.rank(), std::max<int64_t>(T, 1), d);
+  Tensor s = random_rows(seed + 100 + comm.rank(), std::max<int64_t>(T * k, 1), d);
+  Tensor y = random_rows(seed + 200 + comm.rank(), std::max<int64_t>(R, 1), d);
+  auto fresh = [&](int64_t n) {
+    Tensor t = Tensor::zeros({std::max<int64_t>(n, 1), d});
+    t.fill(-7.0f);
+    return t;
+  };
+  Tensor a = fresh(R), b = fresh(R), c1 = fresh(T * k), c2 = fresh(T * k);
+
+  ConstView va = ex.dispatch_shared(plan, ConstView(x.data(), T, d));
+  ex.dispatch(plan, ConstView(x.data(), T, d), rows_view(a, R, d));
+  EXPECT_EQ(va.rows, R);
+  EXPECT_EQ(va.cols, d);
+  EXPECT_TRUE(rows_equal(va, ConstView(a.data(), R, d))) << "dispatch_shared, d " << d;
+
+  ConstView vb = ex.dispatch_slots_shared(plan, ConstView(s.data(), T * k, d));
+  ex.dispatch_slots(plan, ConstView(s.data(), T * k, d), rows_view(b, R, d));
+  EXPECT_TRUE(rows_equal(vb, ConstView(b.data(), R, d))) << "dispatch_slots_shared, d " << d;
+
+  View buf = ex.combine_buffer(plan, d);
+  EXPECT_EQ(buf.rows, R);
+  EXPECT_EQ(buf.cols, d);
+  for (int64_t i = 0; i < R; ++i) std::memcpy(buf.row(i), y.data() + i * d, sizeof(float) * d);
+  ex.combine(plan, ConstView(y.data(), R, d), rows_view(c1, T * k, d));
+  ex.combine_shared(plan, rows_view(c2, T * k, d));
+  EXPECT_TRUE(rows_equal(ConstView(c2.data(), T * k, d), ConstView(c1.data(), T * k, d)))
+      << "combine_shared, d " << d;
+}
+
+}  // namespace
+
+TEST(ExchangeShared, AvailableOnOneNode) {
+  Communicator w = Communicator::world();
+  Exchange ex(w, "shared");
+  // The tests run every rank on one machine.
+  EXPECT_TRUE(ex.shared_available());
+  EXPECT_TRUE(ex.shared_available());  // cached
+}
+
+TEST(ExchangeShared, EqualsMpiPathDroplessAndCapacity) {
+  Communicator w = Communicator::world();
+  Exchange ex(w, "shared");
+  if (!ex.shared_available()) GTEST_SKIP() << "ranks span several nodes";
+  for (int k : {1, 2})
+    for (double cf : {0.0, 0.75, 1.25}) {
+      const int E = 8;
+      GlobalRouting g = random_routing(31 + k, 211, k, E, /*empty=*/0.1, /*hot=*/0.3);
+      ExpertPlacement p = ExpertPlacement::blocked(E, w.size());
+      auto range = share(g.n_tokens, w);
+      DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {cf}, w);
+      if (cf > 0) {
+        EXPECT_GT(plan.stats().slots_dropped, 0);
+      }
+      check_shared_equals_mpi(ex, plan, 19, 1000 + k, w);
+    }
+  // Interleaved placement: a rank's experts are not a contiguous id range.
+  const int E = 6;
+  std::vector<int> owner(E);
+  for (int e = 0; e < E; ++e) owner[e] = (E - 1 - e) % w.size();
+  ExpertPlacement p = ExpertPlacement::from_owners(owner, w.size());
+  GlobalRouting g = random_routing(5, 57, 2, E, 0.05);
+  auto range = share(g.n_tokens, w);
+  DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+  check_shared_equals_mpi(ex, plan, 3, 77, w);
+}
+
+TEST(ExchangeShared, SendBlocksPlaceRowsAfterLowerRanks) {
+  Communicator w = Communicator::world();
+  const int E = 8, k = 2;
+  GlobalRouting g = random_routing(9, 120, k, E, 0.1);
+  ExpertPlacement p = ExpertPlacement::blocked(E, w.size());
+  auto range = share(g.n_tokens, w);
+  DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+  // Blocks tile the send rows in order, and match each rank's R.
+  int64_t next = 0;
+  for (const SendBlock& b : plan.send_blocks()) {
+    EXPECT_EQ(b.send, next);
+    EXPECT_GT(b.rows, 0);
+    EXPECT_LE(b.dest_row + b.rows, plan.rank_recv_rows()[b.dest]);
+    next += b.rows;
+  }
+  EXPECT_EQ(next, plan.n_send());
+  EXPECT_EQ(plan.rank_recv_rows()[w.rank()], plan.n_recv());
+}
+
+TEST(ExchangeShared, DegenerateLoads) {
+  Communicator w = Communicator::world();
+  Exchange ex(w, "shared");
+  if (!ex.shared_available()) GTEST_SKIP() << "ranks span several nodes";
+  const int E = 4, k = 2;
+  ExpertPlacement p = ExpertPlacement::blocked(E, w.size());
+  // Everything to expert 0, with and without a rank that has no tokens, dropless and capacity.
+  GlobalRouting hot{64, k, std::vector<int32_t>(128, 0), std::vector<float>(128, 0.5f)};
+  for (int starve : {-1, w.size() - 1})
+    for (double cf : {0.0, 1.0}) {
+      auto range = share(hot.n_tokens, w, starve);
+      DispatchPlan plan = DispatchPlan::build(local_view(hot, range), p, {cf}, w);
+      check_shared_equals_mpi(ex, plan, 8, 5, w);
+    }
+  // Every slot empty.
+  GlobalRouting empty{10, k, std::vector<int32_t>(20, -1), std::vector<float>(20, 1.0f)};
+  auto range = share(empty.n_tokens, w);
+  DispatchPlan plan = DispatchPlan::build(local_view(empty, range), p, {}, w);
+  check_shared_equals_mpi(ex, plan, 4, 6, w);
+  // No tokens anywhere, on a fresh exchange (no window allocated yet) and on this one.
+  DispatchPlan none = DispatchPlan::build(RoutingView{0, k, nullptr, nullptr}, p, {}, w);
+  Exchange fresh(w, "fresh");
+  check_shared_equals_mpi(fresh, none, 4, 7, w);
+  check_shared_equals_mpi(ex, none, 4, 7, w);
+}
+
+TEST(ExchangeShared, RepeatedCallsGrowAndShrinkWithoutSteadyStateAllocation) {
+  Communicator w = Communicator::world();
+  Exchange ex(w, "shared");
+  if (!ex.shared_available()) GTEST_SKIP() << "ranks span several nodes";
+  const int E = 8, k = 2;
+  ExpertPlacement p = ExpertPlacement::blocked(E, w.size());
+  const int64_t sizes[][2] = {{10, 4},    {300, 16}, {4000, 160}, {40, 8},
+                              {1000, 33}, {0, 8},    {500, 16},   {7, 1}};
+  int i = 0;
+  for (const auto& sz : sizes) {
+    GlobalRouting g = random_routing(50 + i, sz[0], k, E, 0.1, 0.2);
+    auto range = share(g.n_tokens, w, i % 3 == 2 ? 0 : -1);
+    DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {i % 2 ? 1.0 : 0.0}, w);
+    check_shared_equals_mpi(ex, plan, sz[1], 60 + i, w);
+    ++i;
+  }
+  // Same-size and smaller calls reuse the windows: the views keep their address.
+  GlobalRouting g = random_routing(99, 400, k, E);
+  auto range = share(g.n_tokens, w);
+  DispatchPlan big = DispatchPlan::build(local_view(g, range), p, {}, w);
+  DispatchPlan small = DispatchPlan::build(local_view(g, range), p, {0.5}, w);
+  Tensor x = random_rows(3, std::max<int64_t>(range.second - range.first, 1), 16);
+  Tensor out = Tensor::zeros({std::max<int64_t>(big.n_tokens() * k, 1), 16});
+  const int64_t T = big.n_tokens();
+  const float *in0 = nullptr, *out0 = nullptr;
+  for (int rep = 0; rep < 4; ++rep) {
+    const DispatchPlan& plan = rep % 2 ? small : big;
+    ConstView v = ex.dispatch_shared(plan, ConstView(x.data(), T, 16));
+    View buf = ex.combine_buffer(plan, 16);
+    for (int64_t r = 0; r < v.rows; ++r) std::memcpy(buf.row(r), v.row(r), sizeof(float) * 16);
+    ex.combine_shared(plan, rows_view(out, T * k, 16));
+    for (int64_t s = 0; s < T * k; ++s) {
+      const float want = plan.kept()[s] ? x[(s / k) * 16 + 5] : 0.0f;
+      ASSERT_EQ(out[s * 16 + 5], want) << "rep " << rep << " slot " << s;
+    }
+    if (rep == 0) in0 = v.data, out0 = buf.data;
+    if (big.n_recv() > 0 && small.n_recv() > 0) {
+      EXPECT_EQ(v.data, in0) << "rep " << rep;
+      EXPECT_EQ(buf.data, out0) << "rep " << rep;
+    }
+  }
+  // Interleaved with the non-blocking MPI path on the same exchange.
+  Tensor a = Tensor::zeros({std::max<int64_t>(big.n_recv(), 1), 16});
+  ex.dispatch_start(big, ConstView(x.data(), T, 16));
+  ConstView v = ex.dispatch_shared(big, ConstView(x.data(), T, 16));
+  ex.dispatch_wait(big, rows_view(a, big.n_recv(), 16));
+  EXPECT_TRUE(rows_equal(v, ConstView(a.data(), big.n_recv(), 16)));
+}
+
+TEST(ExchangeShared, ConsecutiveCombinesWithoutDispatch) {
+  Communicator w = Communicator::world();
+  Exchange ex(w, "shared");
+  if (!ex.shared_available()) GTEST_SKIP() << "ranks span several nodes";
+  const int E = 8, k = 2;
+  const int64_t d = 256;
+  ExpertPlacement p = ExpertPlacement::blocked(E, w.size());
+  GlobalRouting g = random_routing(17, 3000, k, E, 0.05);
+  auto range = share(g.n_tokens, w);
+  DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+  const int64_t T = plan.n_tokens(), R = plan.n_recv();
+  // Expected results first (through the MPI path), so that the shared rounds below run back to
+  // back with no other collective between them: each round overwrites the output window at
+  // once, and a rank still reading the previous round would see the new values.
+  const int rounds = 6;
+  std::vector<Tensor> y, want, got;
+  for (int rep = 0; rep < rounds; ++rep) {
+    y.push_back(random_rows(500 + rep * 10 + w.rank(), std::max<int64_t>(R, 1), d));
+    want.push_back(Tensor::zeros({std::max<int64_t>(T * k, 1), d}));
+    got.push_back(Tensor::zeros({std::max<int64_t>(T * k, 1), d}));
+    ex.combine(plan, ConstView(y[rep].data(), R, d), rows_view(want[rep], T * k, d));
+  }
+  for (int rep = 0; rep < rounds; ++rep) {
+    View buf = ex.combine_buffer(plan, d);
+    std::memcpy(buf.data, y[rep].data(), sizeof(float) * size_t(R * d));
+    ex.combine_shared(plan, rows_view(got[rep], T * k, d));
+  }
+  for (int rep = 0; rep < rounds; ++rep)
+    EXPECT_TRUE(
+        rows_equal(ConstView(got[rep].data(), T * k, d), ConstView(want[rep].data(), T * k, d)))
+        << "round " << rep;
+}
+
+TEST(ExchangeShared, CombineWithoutBufferFailsOnEveryRank) {
+  Communicator w = Communicator::world();
+  Exchange ex(w, "shared");
+  if (!ex.shared_available()) GTEST_SKIP() << "ranks span several nodes";
+  ExpertPlacement p = ExpertPlacement::blocked(4, w.size());
+  GlobalRouting g = random_routing(1, 20, 2, 4);
+  auto range = share(g.n_tokens, w);
+  DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+  Tensor out = Tensor::zeros({std::max<int64_t>(plan.n_tokens() * 2, 1), 4});
+  EXPECT_THROW(ex.combine_shared(plan, rows_view(out, plan.n_tokens() * 2, 4)), Error);
 }

@@ -1,0 +1,92 @@
+// moe-generate: sample text from a trained checkpoint with the same expert-parallel forward.
+//   mpirun -np N build/bin/moe-generate --checkpoint DIR --prompt "..." [--max-tokens 200]
+//          [--temperature 0.8] [--top-k 0] [--top-p 1.0] [--seed 0] [--data FILE]
+// The model shape comes from the configuration stored in the checkpoint; the tokenizer from the
+// token file it was trained on (or --data).
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "comm/communicator.hpp"
+#include "model/generate.hpp"
+#include "model/transformer.hpp"
+#include "runtime/checkpoint.hpp"
+#include "runtime/data.hpp"
+#include "runtime/error.hpp"
+#include "runtime/log.hpp"
+#include "runtime/threads.hpp"
+
+int main(int argc, char** argv) {
+  moe::comm::MpiSession mpi(&argc, &argv);
+  return moe::run_or_die([&]() -> int {
+    using moe::cat;
+    CLI::App app{"moe-generate: sample from a checkpoint"};
+    std::string ckpt, prompt, data;
+    int64_t max_tokens = 200;
+    moe::model::SampleOptions so;
+    so.temperature = 0.8;
+    app.add_option("--checkpoint", ckpt, "checkpoint root or step directory")->required();
+    app.add_option("--prompt", prompt, "text to continue")->required();
+    app.add_option("--max-tokens", max_tokens, "tokens to generate")->check(CLI::Range(1, 1 << 20));
+    app.add_option("--temperature", so.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
+    app.add_option("--top-k", so.top_k, "sample among the k most likely (0 = all)")
+        ->check(CLI::Range(0, 1 << 24));
+    app.add_option("--top-p", so.top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));
+    app.add_option("--seed", so.seed, "sampling seed");
+    app.add_option("--data", data, "token file whose tokenizer to use (default: the run's)");
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      if (e.get_exit_code() == 0) return app.exit(e);
+      throw moe::Error(moe::ErrorKind::kConfig, cat("moe-generate: ", e.what()));
+    }
+    moe::comm::Communicator world = moe::comm::Communicator::world();
+    moe::log::init(world.rank(), world.size(), "warn");
+    moe::ThreadPolicy threads;
+    threads.apply(world.size());
+
+    // Every rank reads the stored config and the tokenizer; all agree before the model exists.
+    std::string error;
+    moe::Config config;
+    std::unique_ptr<moe::Tokenizer> tok;
+    moe::TokenFileInfo info;
+    try {
+      config = moe::Config::parse(moe::checkpoint::read_config(ckpt), ckpt + " (stored config)");
+      if (data.empty()) data = config.get_string("data.path");
+      info = moe::read_token_file_info(data);
+      tok = moe::load_tokenizer(data);
+    } catch (const moe::Error& e) {
+      error = e.message();
+    }
+    world.agree(error, moe::ErrorKind::kData, "load checkpoint config");
+    moe::model::ModelConfig mc = moe::model::ModelConfig::from(config, info.vocab_size);
+    moe::model::Transformer model(mc, world, 0);
+
+    std::vector<moe::checkpoint::TensorEntry> dense;
+    for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
+    std::vector<moe::checkpoint::ExpertEntry> experts;
+    for (int l = 0; l < mc.n_layers; ++l) {
+      moe::model::MoeLayer* m = model.moe_layer(l);
+      if (!m) continue;
+      for (int e = 0; e < m->experts().n_local(); ++e) {
+        moe::checkpoint::ExpertEntry x;
+        x.layer = l;
+        x.expert = m->experts().global_ids()[static_cast<size_t>(e)];
+        x.tensors.push_back({"w1", m->experts().w1(e), {}, {}, nullptr});
+        x.tensors.push_back({"w2", m->experts().w2(e), {}, {}, nullptr});
+        experts.push_back(std::move(x));
+      }
+    }
+    moe::checkpoint::Metadata meta = moe::checkpoint::load(ckpt, dense, experts, world);
+
+    std::vector<int32_t> ids = tok->encode(prompt);
+    std::vector<int32_t> out =
+        moe::model::generate(model, ids, max_tokens, config.get_int("train.seq_len"), so, world);
+    if (world.rank() == 0) {
+      std::printf("[checkpoint step %lld, %d rank(s), temperature %g]\n%s%s\n",
+                  static_cast<long long>(meta.step), world.size(), so.temperature, prompt.c_str(),
+                  tok->decode(out).c_str());
+    }
+    return 0;
+  });
+}
