@@ -2,13 +2,6 @@
 
 namespace moe::model {
 
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 uint64_t init_stream(const char* tag, int64_t index) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a over the tag
   for (const char* p = tag; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 0x100000001b3ull;

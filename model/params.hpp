@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/hash.hpp"
 #include "runtime/tensor.hpp"
 
 namespace moe::model {
@@ -19,9 +20,6 @@ struct ParamRef {
   View value;
   View grad;
 };
-
-// A 64-bit mixing function (splitmix64 finaliser).
-uint64_t mix64(uint64_t x);
 
 // A stream id from a tag and an index, e.g. init_stream("expert.w1", global_id).
 uint64_t init_stream(const char* tag, int64_t index);

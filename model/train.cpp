@@ -198,7 +198,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   summary.first_step = start_step;
   std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
   double time_sum = 0, tokens_sum = 0, exchange_sum = 0;
-  int64_t steps_done = 0;
+  int64_t steps_done = 0, steps_skipped = 0;
   for (int64_t s = start_step; s < end_step; ++s) {
     const double t0 = now_s();
     model.zero_grad();
@@ -225,13 +225,15 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     const double lr = schedule.at(s);
     bool skipped = false;
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
-      std::string what = cat("step ", s, ": ", !std::isfinite(loss) ? "loss" : "gradient norm",
+      // Steps are numbered from 1 here as in the progress line and the metrics ("step").
+      std::string what = cat("step ", s + 1, ": ", !std::isfinite(loss) ? "loss" : "gradient norm",
                              " is ", !std::isfinite(loss) ? loss : norm);
       if (!skip_nonfinite)
         throw Error(ErrorKind::kData, cat(what, " (train.on_nonfinite: stop; set it to skip to ",
                                           "drop such steps)"));
       log::warn(what, ": update skipped (train.on_nonfinite: skip)");
       skipped = true;
+      ++steps_skipped;
     } else {
       clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
       opt.step(lr);
@@ -289,6 +291,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   summary.mfu = summary.tokens_per_s * flops_per_token / (job_peak * 1e9);
   nlohmann::json done = {{"summary", true},
                          {"steps", steps_done},
+                         {"skipped_steps", steps_skipped},
                          {"first_step", start_step},
                          {"last_step", end_step},
                          {"loss", summary.last_loss},

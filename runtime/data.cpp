@@ -39,13 +39,6 @@ void write_tokens(h5::File& f, const std::string& dset, h5::IntType type,
 }
 }  // namespace
 
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 void write_token_file(const std::string& path, const Tokenizer& tokenizer,
                       const std::vector<int32_t>& train, const std::vector<int32_t>& val,
                       const std::vector<std::string>& sources, double val_fraction) {

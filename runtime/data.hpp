@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "runtime/h5.hpp"
+#include "runtime/hash.hpp"
 #include "runtime/tokenizer.hpp"
 
 namespace moe {
@@ -81,8 +82,5 @@ class TokenDataset {
   h5::IntDataset data_;
   int64_t seq_len_ = 0, vocab_size_ = 0;
 };
-
-// splitmix64: the counter-based hash behind window positions (and other seeded streams).
-uint64_t mix64(uint64_t x);
 
 }  // namespace moe

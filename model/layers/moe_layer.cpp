@@ -13,7 +13,8 @@ double seconds_now() {
 }
 
 TopKOptions router_options(const MoeConfig& c) {
-  return TopKOptions{c.n_experts, c.top_k, c.renormalize, c.aux_loss_coef, c.z_loss_coef};
+  return TopKOptions{c.n_experts,     c.top_k,       c.renormalize,
+                     c.aux_loss_coef, c.z_loss_coef, c.global_balance};
 }
 
 }  // namespace
@@ -27,6 +28,7 @@ MoeConfig MoeConfig::from(const Config& config) {
   c.renormalize = config.get_bool("model.moe.renormalize");
   c.aux_loss_coef = config.get_float("model.moe.aux_loss_coef");
   c.z_loss_coef = config.get_float("model.moe.z_loss_coef");
+  c.global_balance = config.get_string("model.moe.aux_loss_scope") == "global";
   c.capacity_factor = config.get_float("model.moe.capacity_factor");
   c.pipeline_chunks = static_cast<int>(config.get_int("model.moe.pipeline_chunks"));
   if (c.top_k > c.n_experts)

@@ -49,6 +49,7 @@ struct MoeConfig {
   bool renormalize = true;
   double aux_loss_coef = 0.01;
   double z_loss_coef = 0.001;
+  bool global_balance = true;    // model.moe.aux_loss_scope: global (true) or rank
   double capacity_factor = 0.0;  // 0 = dropless
   int pipeline_chunks = 1;       // 1 = off
 

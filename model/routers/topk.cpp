@@ -37,8 +37,9 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
   c.expert.resize(T * k);
   c.weight.resize(T * k);
 
-  // Local statistics, reduced below in one all-reduce: [count E | prob sum E | z sum | T].
-  std::vector<double> stats(2 * E + 2, 0.0);
+  // Local statistics, reduced below in one all-reduce:
+  // [count E | prob sum E | z sum | T | rank-scope load-balancing loss].
+  std::vector<double> stats(2 * E + 3, 0.0);
 #pragma omp parallel
   {
     std::vector<double> local(2 * E + 1, 0.0);
@@ -81,10 +82,23 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
     for (int i = 0; i < 2 * E + 1; ++i) stats[i] += local[i];
   }
   stats[2 * E + 1] = static_cast<double>(T);
+  // Rank scope: this rank's own load-balancing loss, from its local statistics, before the
+  // reduction; the reduction then sums the ranks' losses (slot 2E + 2) for the report.
+  std::vector<double> local_f(E, 0.0);
+  if (!options_.global_balance && T > 0) {
+    double lb = 0.0;
+    for (int i = 0; i < E; ++i) {
+      local_f[i] = stats[i] / (static_cast<double>(T) * k);
+      lb += local_f[i] * (stats[E + i] / static_cast<double>(T));
+    }
+    stats[2 * E + 2] = E * lb;
+  }
+  const int n_ranks = comm_ ? comm_->size() : 1;
   if (comm_) comm_->allreduce_sum(stats.data(), static_cast<int64_t>(stats.size()), "router stats");
 
   const double N = stats[2 * E + 1];
   c.n_global = N;
+  c.balance_norm = options_.global_balance ? N : static_cast<double>(T) * n_ranks;
   c.f.assign(E, 0.0);
   out.n_tokens = T;
   out.k = k;
@@ -98,6 +112,10 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
       c.f[i] = stats[i] / (N * k);
       lb += c.f[i] * (stats[E + i] / N);
     }
+  }
+  if (!options_.global_balance) {
+    c.f = local_f;
+    lb = stats[2 * E + 2] / (E * n_ranks);  // mean of the ranks' losses
   }
   out.load_balance_loss = N > 0 ? E * lb : 0.0;
   out.z_loss = N > 0 ? stats[2 * E] / N : 0.0;
@@ -115,7 +133,8 @@ void TopKRouter::backward(ConstView dweight, float aux_scale, View dx) {
   View dlogits = scratch(c.dlogits, T, E);
   const double N = c.n_global;
   // dLB/dp_ti = E f_i / N;  dZ/dlogit_ti = 2 lse_t p_ti / N.
-  const double lb_scale = N > 0 ? aux_scale * options_.aux_loss_coef * E / N : 0.0;
+  const double lb_norm = c.balance_norm;  // N (global scope) or T * P (rank scope)
+  const double lb_scale = lb_norm > 0 ? aux_scale * options_.aux_loss_coef * E / lb_norm : 0.0;
   const double z_scale = N > 0 ? aux_scale * options_.z_loss_coef * 2.0 / N : 0.0;
 #pragma omp parallel
   {

@@ -25,6 +25,13 @@ struct TopKOptions {
   bool renormalize = true;
   double aux_loss_coef = 0.01;
   double z_loss_coef = 0.001;
+  // Where the load-balancing statistics f_i and P_i are taken:
+  //   true  (global): over every rank's tokens of this call, reduced across ranks;
+  //   false (rank):   over this rank's tokens, the loss being the mean of the ranks' losses.
+  // With gradient accumulation only the rank scope makes the groups of tokens (each rank's
+  // micro-batch) the same on any rank count, so only it gives rank-count-independent training.
+  // The z-loss is a mean over tokens and is the same either way.
+  bool global_balance = true;
 };
 
 class TopKRouter final : public Router {
@@ -60,6 +67,7 @@ class TopKRouter final : public Router {
     std::vector<float> weight;    // [T, k]
     std::vector<double> f;        // [E] global slot fractions f_i
     double n_global = 0.0;        // N
+    double balance_norm = 0.0;    // N (global scope) or T * P (rank scope)
   } cache_;
 };
 
