@@ -3,10 +3,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 
 #include "model/buffers.hpp"
+#include "model/layers/activation.hpp"
 #include "runtime/gemm.hpp"
 
 namespace moe::model {
@@ -16,56 +16,9 @@ namespace {
 constexpr int64_t kMinRows = 64;   // smallest row block worth a GEMM call of its own
 constexpr int64_t kSubRows = 512;  // rows of the per-thread dL/da scratch in backward
 constexpr int64_t kColAlign = 64;  // column blocks of f start on 256-byte boundaries
-constexpr float kInvSqrt2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-
-// exp(x) in fp32 without a library call, so the activation loops vectorise: Cody-Waite range
-// reduction x = n ln2 + r and the Cephes expf polynomial (about 1 ulp); x is clamped to
-// [-87, 88], so the result is never 0 or inf (callers multiply it by something small there).
-inline float exp_approx(float x) {
-  x = std::min(88.0f, std::max(-87.0f, x));
-  // Round to nearest by adding and removing 1.5 * 2^23 (std::floor does not vectorise without
-  // -fno-trapping-math).
-  const float n = (x * 1.44269504089f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return e * std::bit_cast<float>(bits);
-}
-
-// GELU (erf form) and its derivative from one exponential: with u = h / sqrt 2,
-// erfc(|u|) ~ t P(t) exp(-u^2), t = 1 / (1 + 0.3275911 |u|) (Abramowitz & Stegun 7.1.26,
-// absolute error < 1.5e-7), and exp(-u^2) = exp(-h^2 / 2) is also the Gaussian density's.
-inline void gelu_parts(float h, float& cdf2, float& pdf) {
-  const float u = std::abs(h) * kInvSqrt2;
-  const float t = 1.0f / (1.0f + 0.3275911f * u);
-  const float g = exp_approx(-u * u);
-  const float poly =
-      t * (0.254829592f +
-           t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float q = poly * g;        // erfc(|u|)
-  cdf2 = h < 0.0f ? q : 2.0f - q;  // 1 + erf(u)
-  pdf = g * kInvSqrt2Pi;           // phi(h)
-}
-inline float gelu(float h) {
-  float cdf2, pdf;
-  gelu_parts(h, cdf2, pdf);
-  return 0.5f * h * cdf2;
-}
-inline float gelu_grad(float h) {
-  float cdf2, pdf;
-  gelu_parts(h, cdf2, pdf);
-  return 0.5f * cdf2 + h * pdf;
-}
-inline float sigmoid(float g) {
-  return 1.0f / (1.0f + exp_approx(-g));
-}
+using act::gelu;
+using act::gelu_grad;
+using act::sigmoid;
 
 // a = act(h) for n rows; h rows have f1 columns, a rows f.
 void activate(Activation act, const float* h, int64_t ldh, float* a, int64_t lda, int64_t n,

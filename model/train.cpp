@@ -1,5 +1,7 @@
 #include "model/train.hpp"
 
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cmath>
 #include <memory>
@@ -289,6 +291,17 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   summary.last_step = end_step;
   summary.tokens_per_s = time_sum > 0 ? tokens_sum / time_sum : 0;
   summary.mfu = summary.tokens_per_s * flops_per_token / (job_peak * 1e9);
+  // Memory: peak resident set of the largest rank against the state every rank must hold
+  // (its parameters, gradients and two Adam moments: 4 floats per parameter it owns).
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  const double rss_mb = comm.max(static_cast<double>(usage.ru_maxrss) / 1024.0, "peak rss");
+  double local_params = 0;
+  for (const ParamRef& p : model.dense_params())
+    local_params += static_cast<double>(p.value.size());
+  for (const ParamRef& p : model.expert_params())
+    local_params += static_cast<double>(p.value.size());
+  const double state_mb = comm.max(local_params * 4 * sizeof(float) / (1024.0 * 1024.0), "state");
   nlohmann::json done = {{"summary", true},
                          {"steps", steps_done},
                          {"skipped_steps", steps_skipped},
@@ -300,6 +313,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"mfu", summary.mfu},
                          {"exchange_fraction", time_sum > 0 ? exchange_sum / time_sum : 0},
                          {"peak_gflops", job_peak},
+                         {"peak_rss_mb", rss_mb},
+                         {"state_mb", state_mb},
                          {"ranks", P},
                          {"checkpoint", summary.checkpoint}};
   metrics.write(done);

@@ -1,7 +1,7 @@
-// File: activation.hpp — element-wise activations of the dense FFN, vectorisable.
+// File: activation.hpp — element-wise activations of the dense FFN and the experts, vectorisable.
 //
-// The same formulas as the experts (model/experts.cpp), so a dense FFN layer and an expert with
-// the same weights give the same numbers:
+// One definition for both, so a dense FFN layer and an expert with the same weights give the
+// same numbers:
 //   GELU    erf form 0.5 h (1 + erf(h / sqrt 2)) (torch.nn.GELU() default), erf from
 //           Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7);
 //   SwiGLU  silu(g) u, silu(g) = g sigmoid(g).
