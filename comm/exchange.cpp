@@ -254,7 +254,12 @@ void Exchange::forward_start(Movement& m, const DispatchPlan& plan, ConstView sr
              what);
   m.plan = &plan;
   const std::string op = cat(name_, " exchange ", what);
-  if (direct_self) {
+  post(m, type, direct_self, op);
+}
+
+// The one MPI call of a movement: blocking when the caller waits right away, else non-blocking.
+void Exchange::post(Movement& m, MPI_Datatype type, bool blocking, const std::string& op) {
+  if (blocking) {
     MOE_MPI_CHECK(MPI_Alltoallv(m.send.data(), m.sc.data(), m.sd.data(), type, m.recv.data(),
                                 m.rc.data(), m.rd.data(), type, comm_.raw()),
                   op);
@@ -326,15 +331,7 @@ void Exchange::backward_start(Movement& m, const DispatchPlan& plan, ConstView y
              "combine");
   m.plan = &plan;
   const std::string op = cat(name_, " exchange combine");
-  if (direct_self) {
-    MOE_MPI_CHECK(MPI_Alltoallv(m.send.data(), m.sc.data(), m.sd.data(), type, m.recv.data(),
-                                m.rc.data(), m.rd.data(), type, comm_.raw()),
-                  op);
-  } else {
-    MOE_MPI_CHECK(MPI_Ialltoallv(m.send.data(), m.sc.data(), m.sd.data(), type, m.recv.data(),
-                                 m.rc.data(), m.rd.data(), type, comm_.raw(), &m.request),
-                  op);
-  }
+  post(m, type, direct_self, op);
 }
 
 void Exchange::backward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv) {

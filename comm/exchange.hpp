@@ -126,6 +126,7 @@ class Exchange {
   };
   void forward_start(Movement& m, const DispatchPlan& plan, ConstView src, bool by_slot,
                      bool direct_self, View out);
+  void post(Movement& m, MPI_Datatype type, bool blocking, const std::string& op);
   void forward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv);
   void backward_start(Movement& m, const DispatchPlan& plan, ConstView y, bool direct_self,
                       View out);
