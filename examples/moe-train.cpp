@@ -1,6 +1,8 @@
 // moe-train: train an MoE Transformer on an HDF5 token file.
 //   mpirun -np N build/bin/moe-train --config cfg.yaml [--set key=value ...]
 //          [--metrics FILE] [--resume DIR] [--stop-after N]
+// SIGTERM or SIGUSR1 (e.g. `sbatch --signal=B:USR1@60`, forwarded by the batch script) stops
+// every rank after the same step with a checkpoint and exit code 0.
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -11,6 +13,8 @@
 #include "runtime/run.hpp"
 
 int main(int argc, char** argv) {
+  // SIGTERM / SIGUSR1 from here on end the run after a checkpoint instead of killing it.
+  moe::model::install_stop_signal_handlers();
   moe::comm::MpiSession mpi(&argc, &argv);
   return moe::run_or_die([&]() -> int {
     std::vector<std::string> rest;

@@ -4,6 +4,8 @@
 // their own (their experts still serve rank 0's tokens through the MoE exchange), so the dense
 // work is done once, not once per rank. Without a KV cache each step recomputes the last
 // `window` tokens (the model's training length), which is enough for a quick look at a model.
+// Serving decodes incrementally instead (Transformer::extend over per-sequence KV caches,
+// model/serve/engine.hpp) and gives the same tokens while the sequence fits in `window`.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,9 @@
 #include "model/train.hpp"
 
+#include <signal.h>
 #include <sys/resource.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <memory>
@@ -21,6 +23,26 @@ namespace {
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The last stop signal received (0: none). The handler only stores it; the loop reads it once per
+// step and the ranks agree on it, so every rank stops after the same step.
+std::atomic<int> g_stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(sig, std::memory_order_relaxed);
+}
+
+const char* signal_name(int sig) {
+  switch (sig) {
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGUSR1:
+      return "SIGUSR1";
+    default:
+      return "unknown";
+  }
 }
 
 // The held-out set is drawn from its own stream, the same for every step and rank count.
@@ -62,9 +84,19 @@ double evaluate(Transformer& model, const TokenDataset& val, const Shape& shape,
 
 }  // namespace
 
+void install_stop_signal_handlers() {
+  struct sigaction sa = {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;  // interrupted system calls (file I/O, MPI progress) resume
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGUSR1, &sa, nullptr);
+}
+
 TrainSummary train(const Config& config, const TrainOptions& options,
                    const comm::Communicator& comm) {
   const int rank = comm.rank(), P = comm.size();
+  install_stop_signal_handlers();  // idempotent; moe-train installs them before MPI start-up
   Run run = start_run(config, rank, P, "moe-train");
   const Shape shape = batch_shape(config, P);
   const uint64_t seed = static_cast<uint64_t>(config.get_int("train.seed"));
@@ -277,7 +309,10 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       line += cat(" | mfu ", static_cast<int>(std::lround(mfu * 100)), "%");
       log::info0(line);
     }
-    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step) {
+    // A stop signal (Slurm's --signal before the time limit, or SIGTERM) on any rank: all ranks
+    // see the same maximum signal number after this step, checkpoint it and leave the loop.
+    const int stop_signal = comm.max(g_stop_signal.load(std::memory_order_relaxed), "stop signal");
+    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step || stop_signal != 0) {
       checkpoint::Metadata meta;
       meta.step = s + 1;
       meta.seed = static_cast<int64_t>(seed);
@@ -287,8 +322,15 @@ TrainSummary train(const Config& config, const TrainOptions& options,
           checkpoint::save(ckpt_dir, dense_entries, expert_entries, meta, comm, save_options);
       log::info0("checkpoint ", summary.checkpoint);
     }
+    if (stop_signal != 0 && !last_step) {
+      summary.stopped_by_signal = stop_signal;
+      log::info0("stopping at step ", s + 1, " on signal ", signal_name(stop_signal),
+                 ": checkpoint ", summary.checkpoint);
+      break;
+    }
   }
-  summary.last_step = end_step;
+  const int64_t last_step_run = start_step + steps_done;
+  summary.last_step = last_step_run;
   summary.tokens_per_s = time_sum > 0 ? tokens_sum / time_sum : 0;
   summary.mfu = summary.tokens_per_s * flops_per_token / (job_peak * 1e9);
   // Memory: peak resident set of the largest rank against the state every rank must hold
@@ -306,7 +348,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"steps", steps_done},
                          {"skipped_steps", steps_skipped},
                          {"first_step", start_step},
-                         {"last_step", end_step},
+                         {"last_step", last_step_run},
                          {"loss", summary.last_loss},
                          {"val_loss", summary.last_val_loss},
                          {"tokens_per_s", summary.tokens_per_s},
@@ -317,6 +359,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"state_mb", state_mb},
                          {"ranks", P},
                          {"checkpoint", summary.checkpoint}};
+  if (summary.stopped_by_signal != 0)
+    done["stopped_by_signal"] = signal_name(summary.stopped_by_signal);
   metrics.write(done);
   log::info0("done: ", done.dump());
   return summary;

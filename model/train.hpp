@@ -33,8 +33,15 @@ struct TrainSummary {
   int64_t first_step = 0, last_step = 0;  // steps [first, last) ran in this launch
   double last_loss = 0, last_val_loss = 0;
   double tokens_per_s = 0, mfu = 0;
-  std::string checkpoint;  // the last checkpoint written, if any
+  std::string checkpoint;     // the last checkpoint written, if any
+  int stopped_by_signal = 0;  // SIGTERM or SIGUSR1 if a signal ended the launch early, else 0
 };
+
+// Makes SIGTERM and SIGUSR1 (what `sbatch --signal=USR1@60` sends before the time limit) request
+// a stop: train() then finishes the current step on every rank, writes a checkpoint, prints
+// "stopping at step N on signal <name>: checkpoint <dir>" on rank 0 and returns normally.
+// train() installs them itself; call this earlier to cover start-up too. Idempotent.
+void install_stop_signal_handlers();
 
 // Runs training as configured. Collective over comm; throws moe::Error on bad input.
 TrainSummary train(const Config& config, const TrainOptions& options,

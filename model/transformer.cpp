@@ -259,6 +259,72 @@ ConstView Transformer::last_logits(std::span<const int32_t> ids, int64_t n_seq, 
   return head_->logits(h);
 }
 
+SequenceCache Transformer::new_cache(int64_t max_context) const {
+  SequenceCache c;
+  for (int l = 0; l < config_.n_layers; ++l) c.layers.emplace_back(max_context, config_.d_model);
+  return c;
+}
+
+void Transformer::run_blocks_cached(int64_t n, std::span<const int64_t> n_new,
+                                    std::span<SequenceCache* const> caches) {
+  const int64_t d = config_.d_model;
+  layer_caches_.resize(caches.size());
+  for (int l = 0; l < config_.n_layers; ++l) {
+    Block& b = *blocks_[static_cast<size_t>(l)];
+    for (size_t s = 0; s < caches.size(); ++s)
+      layer_caches_[s] = &caches[s]->layers[static_cast<size_t>(l)];
+    ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
+    View h1 = rows(b.h1, n, d), x1 = rows(b.x1, n, d), h2 = rows(b.h2, n, d);
+    View out = rows(b.out, n, d);
+    b.norm1->forward(x, h1);
+    b.attn->forward_cached(h1, n_new, layer_caches_, out);
+    add(x, out, x1);
+    b.norm2->forward(x1, h2);
+    if (b.moe)
+      b.moe->forward(h2, out);
+    else
+      b.ffn->forward(h2, out);
+    add(x1, out, rows(x_[static_cast<size_t>(l) + 1], n, d));
+  }
+}
+
+ConstView Transformer::extend(std::span<const int32_t> ids, std::span<const int64_t> n_new,
+                              std::span<SequenceCache* const> caches) {
+  const int64_t d = config_.d_model, B = static_cast<int64_t>(n_new.size());
+  MOE_CHECK_EQ(n_new.size(), caches.size(), "extend: sequences");
+  int64_t n = 0;
+  for (int64_t k : n_new) n += k;
+  MOE_CHECK_EQ(static_cast<int64_t>(ids.size()), n, "extend: ids");
+  for (SequenceCache* c : caches)
+    MOE_CHECK_EQ(static_cast<int>(c->layers.size()), config_.n_layers, "extend: cache blocks");
+  n_tokens_ = n;
+  n_seq_ = B;
+  embed_->forward(ids, rows(x_[0], n, d));
+  run_blocks_cached(n, n_new, caches);
+  // Only each sequence's last new position goes through the final norm and the head.
+  View last = rows(dtmp_, B, d);
+  int64_t end = 0;
+  for (int64_t s = 0; s < B; ++s) {
+    end += n_new[static_cast<size_t>(s)];
+    std::copy_n(x_.back().data() + (end - 1) * d, d, last.row(s));
+  }
+  View h = rows(h_final_, B, d);
+  final_norm_->forward(last, h);
+  return head_->logits(h);
+}
+
+ConstView Transformer::prefill(std::span<const int32_t> prompt, SequenceCache& cache) {
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  SequenceCache* c = &cache;
+  return extend(prompt, std::span<const int64_t>(&n, 1), std::span<SequenceCache* const>(&c, 1));
+}
+
+ConstView Transformer::decode_step(std::span<const int32_t> last,
+                                   std::span<SequenceCache* const> caches) {
+  ones_.assign(caches.size(), 1);
+  return extend(last, ones_, caches);
+}
+
 MoeLayer* Transformer::moe_layer(int block) {
   return blocks_[static_cast<size_t>(block)]->moe.get();
 }

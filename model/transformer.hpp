@@ -72,6 +72,16 @@ struct ModelStats {
   int64_t bytes_sent = 0;
 };
 
+// One sequence's decoding state: a KV cache per block, preallocated to `capacity` positions.
+struct SequenceCache {
+  std::vector<KvCache> layers;  // [L]
+  int64_t len() const { return layers.empty() ? 0 : layers[0].len; }
+  int64_t capacity() const { return layers.empty() ? 0 : layers[0].capacity(); }
+  void clear() {
+    for (auto& c : layers) c.len = 0;
+  }
+};
+
 class Transformer {
  public:
   // Collective over comm (MoE layers). Weights from seed; experts placed in contiguous blocks.
@@ -92,6 +102,20 @@ class Transformer {
   // valid until the next call. Collective.
   ConstView last_logits(std::span<const int32_t> ids, int64_t n_seq, int64_t seq_len);
 
+  // Incremental decoding (inference; no backward). A fresh, empty cache for one sequence of up
+  // to max_context positions (allocated here, never during decoding).
+  SequenceCache new_cache(int64_t max_context) const;
+  // Appends new tokens to B sequences of any lengths and returns the logits of each sequence's
+  // last new token, [B, V], a view valid until the next call. ids holds n_new[b] tokens of
+  // sequence b, sequences back to back; caches[b] grows by n_new[b]. B = 0 (no ids) on ranks
+  // that only serve experts. Collective (MoE layers): every rank calls once per step.
+  ConstView extend(std::span<const int32_t> ids, std::span<const int64_t> n_new,
+                   std::span<SequenceCache* const> caches);
+  // extend() with one sequence: the prompt into an empty (or partly filled) cache. Collective.
+  ConstView prefill(std::span<const int32_t> prompt, SequenceCache& cache);
+  // extend() with one new token per sequence: last[b] is sequence b's latest token. Collective.
+  ConstView decode_step(std::span<const int32_t> last, std::span<SequenceCache* const> caches);
+
   // Replicated parameters in the order backward finishes them; sharded expert parameters.
   const std::vector<ParamRef>& dense_params() const { return dense_; }
   const std::vector<ParamRef>& expert_params() const { return experts_; }
@@ -110,6 +134,9 @@ class Transformer {
  private:
   struct Block;
   void run_blocks(int64_t n_tokens, int64_t n_seq);
+  // run_blocks() through the attention KV caches.
+  void run_blocks_cached(int64_t n_tokens, std::span<const int64_t> n_new,
+                         std::span<SequenceCache* const> caches);
   void collect_params();
 
   ModelConfig config_;
@@ -127,6 +154,9 @@ class Transformer {
   Tensor dx_, dtmp_;                    // [N, d] backward scratch
   std::vector<int32_t> ids_, targets_;  // [N]
   int64_t n_tokens_ = 0, n_seq_ = 0;
+  // Incremental decoding scratch.
+  std::vector<KvCache*> layer_caches_;  // [B] one block's caches
+  std::vector<int64_t> ones_;           // [B] n_new of a decode step
 };
 
 }  // namespace moe::model

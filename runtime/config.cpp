@@ -289,6 +289,14 @@ const std::vector<ConfigKey> kSchema = {
      1e6,
      {},
      "size of a dense-gradient all-reduce bucket in MiB; buckets launch during backward"},
+    {"comm.exchange",
+     T::kString,
+     "auto",
+     0,
+     0,
+     {"auto", "alltoallv", "shared"},
+     "MoE token exchange: shared = one copy per row through node shared-memory windows (every "
+     "rank on one node, model.moe.pipeline_chunks 1); alltoallv = MPI; auto = shared if possible"},
 };
 
 std::string trim(const std::string& s) {

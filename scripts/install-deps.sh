@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every system package the project needs on Debian 12, idempotently.
 # Runs as root (apt-get); as another user it uses sudo when available.
+# --with-slurm adds Slurm and munge for the single-machine Slurm test (tests/slurm).
 set -euo pipefail
 
 PACKAGES=(
@@ -14,7 +15,11 @@ PACKAGES=(
   libsentencepiece-dev sentencepiece
   bible-kjv-text bible-kjv
   fortunes fortunes-min
+  libcpp-httplib-dev curl
 )
+if [ "${1:-}" = --with-slurm ]; then
+  PACKAGES+=(slurmctld slurmd slurm-client munge libpmix-dev)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,6 +1,7 @@
 // moe-bench layer: one MoE layer, forward + backward, under mpirun (any rank count).
 //   mpirun -np 2 moe-bench layer --threads 1 [--json]     2 ranks x 1 thread
 //   mpirun -np 1 moe-bench layer --threads 2 [--json]     1 rank  x 2 threads
+//   --exchange auto|alltoallv|shared (comm.exchange; default auto); the path that ran is printed
 // Defaults: 4096 tokens over all ranks, d_model 512, d_ff 2048, 8 experts, top-2, GELU,
 // dropless (the PyTorch reference's `layer` shape). Figures, each measured in this run:
 //   layer_tokens_per_s     global tokens / median step time (max over ranks)
@@ -71,6 +72,7 @@ int bench_layer(const std::vector<std::string>& argv) {
   cfg.activation = model::parse_activation(args.get("--activation", "gelu"));
   cfg.capacity_factor = args.get_float("--capacity-factor", 0.0);
   cfg.pipeline_chunks = static_cast<int>(args.get_int("--chunks", 1));
+  cfg.exchange = model::parse_exchange_mode(args.get("--exchange", "auto"));
   const int samples = static_cast<int>(args.get_int("--samples", 5));
   const double min_time = args.get_float("--min-time", 1.0);
 
@@ -167,10 +169,12 @@ int bench_layer(const std::vector<std::string>& argv) {
     std::printf("moe-bench layer: %d rank(s) x %s; BLIS %s\n", P, policy.describe().c_str(),
                 blis_version());
     std::printf(
-        "tokens %lld, d_model %lld, d_ff %lld, %d experts, top-%d, %s, %s, chunks %d\n\n",
+        "tokens %lld, d_model %lld, d_ff %lld, %d experts, top-%d, %s, %s, chunks %d, "
+        "exchange %s (asked %s)\n\n",
         (long long)tokens, (long long)d, (long long)f, E, k, model::activation_name(cfg.activation),
         cfg.capacity_factor > 0 ? cat("capacity ", cfg.capacity_factor).c_str() : "dropless",
-        cfg.pipeline_chunks);
+        cfg.pipeline_chunks, model::exchange_mode_name(layer.exchange()),
+        model::exchange_mode_name(cfg.exchange));
     std::printf("%-34s %12.1f ms  [%.1f - %.1f]\n", "step (forward + backward)", step_s * 1e3,
                 times.front() * 1e3, times.back() * 1e3);
     std::printf("%-34s %12.0f tokens/s\n", "layer", tokens_per_s);
@@ -202,6 +206,7 @@ int bench_layer(const std::vector<std::string>& argv) {
                             {"activation", model::activation_name(cfg.activation)},
                             {"capacity_factor", cfg.capacity_factor},
                             {"pipeline_chunks", cfg.pipeline_chunks},
+                            {"exchange", model::exchange_mode_name(layer.exchange())},
                             {"step_ms", step_s * 1e3},
                             {"step_ms_min", times.front() * 1e3},
                             {"step_ms_max", times.back() * 1e3},

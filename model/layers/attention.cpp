@@ -100,6 +100,33 @@ void Rope::apply_transpose(View x) const {
   }
 }
 
+void Rope::apply_at(View x, int64_t first) const {
+  MOE_CHECK(pos0_ == 0 && x.cols == dh_ && first >= 0 && first + x.rows <= n_pos_,
+            "rope.apply_at: positions [", first, ", ", first + x.rows, ") of width ", x.cols,
+            " with tables for ", n_pos_, " positions from ", pos0_, " of width ", dh_);
+  const int64_t half = dh_ / 2;
+  for (int64_t t = 0; t < x.rows; ++t) {
+    float* a = x.row(t);
+    float* b = a + half;
+    const float* c = cos_.data() + (first + t) * half;
+    const float* s = sin_.data() + (first + t) * half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float ai = a[i], bi = b[i];
+      a[i] = ai * c[i] - bi * s[i];
+      b[i] = ai * s[i] + bi * c[i];
+    }
+  }
+}
+
+KvCache::KvCache(int64_t capacity, int64_t d_model)
+    : k({std::max<int64_t>(capacity, 1), d_model}),
+      v({std::max<int64_t>(capacity, 1), d_model}),
+      cap(capacity),
+      d(d_model) {
+  MOE_CHECK(capacity >= 1 && d_model >= 1, "kv cache: capacity ", capacity, ", d ", d_model);
+}
+
 // --- Attention ----------------------------------------------------------------------------
 
 namespace {
@@ -119,7 +146,8 @@ Attention::Attention(std::string name, int64_t d_model, const AttentionConfig& c
       h_(config.n_heads),
       dh_(checked_head_width(name_, d_model, config.n_heads)),
       bias_(config.bias),
-      rope_(dh_, config.rope_base) {
+      rope_(dh_, config.rope_base),
+      rope_decode_(dh_, config.rope_base) {
   w_qkv_ = Tensor({d_, 3 * d_});
   dw_qkv_ = Tensor({d_, 3 * d_});
   w_o_ = Tensor({d_, d_});
@@ -134,6 +162,7 @@ Attention::Attention(std::string name, int64_t d_model, const AttentionConfig& c
     db_o_ = Tensor({1, d_});
   }
   dp_.resize(static_cast<size_t>(std::max(1, omp_get_max_threads())));
+  scores_.resize(dp_.size());
 }
 
 std::vector<ParamRef> Attention::params() {
@@ -210,6 +239,88 @@ void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
     }
     gemm(Trans::kNo, Trans::kNo, 1.0f, s, v, 0.0f, att.row_range(b * T, T).col_range(h * dh, dh));
   }
+
+  gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
+  if (bias_) add_bias(y, b_o_.data());
+}
+
+void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
+                               std::span<KvCache* const> caches, View y) {
+  MOE_CHECK_EQ(n_new.size(), caches.size(), cat(name_, ".forward_cached: sequences"));
+  const int64_t B = static_cast<int64_t>(n_new.size()), d = d_, H = h_, dh = dh_;
+  row0_.assign(static_cast<size_t>(B) + 1, 0);
+  int64_t max_end = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const KvCache& c = *caches[static_cast<size_t>(b)];
+    const int64_t nb = n_new[static_cast<size_t>(b)];
+    MOE_CHECK(nb >= 1 && c.d == d && c.len + nb <= c.capacity(), name_,
+              ".forward_cached: sequence ", b, " appends ", nb, " tokens to a cache of ", c.len,
+              "/", c.capacity(), " positions of width ", c.d);
+    row0_[static_cast<size_t>(b) + 1] = row0_[static_cast<size_t>(b)] + nb;
+    max_end = std::max(max_end, c.capacity());
+  }
+  const int64_t n = row0_.back();
+  MOE_CHECK_SHAPE(x, n, d, cat(name_, ".forward_cached x"));
+  MOE_CHECK_SHAPE(y, n, d, cat(name_, ".forward_cached y"));
+  if (n == 0) return;
+  // Tables from position 0 for the longest cache, built once (serial, before the loop).
+  if (rope_decode_.n_pos() < max_end) rope_decode_.prepare(0, max_end);
+  View qkv = scratch(qkv_new_, n, 3 * d);
+  View att = scratch(att_new_, n, d);
+  gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
+  if (bias_) add_bias(qkv, b_qkv_.data());
+  if (scores_.size() < static_cast<size_t>(omp_get_max_threads()))
+    scores_.resize(static_cast<size_t>(omp_get_max_threads()));
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  const int64_t n_pairs = B * H;
+#pragma omp parallel
+  {
+    Tensor& s_buf = scores_[static_cast<size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < n_pairs; ++p) {
+      const int64_t b = p / H, h = p % H;
+      KvCache& c = *caches[static_cast<size_t>(b)];
+      const int64_t nb = n_new[static_cast<size_t>(b)], past = c.len, total = past + nb;
+      View rows = qkv.row_range(row0_[static_cast<size_t>(b)], nb);
+      View q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
+      ConstView v = rows.col_range(2 * d + h * dh, dh);
+      rope_decode_.apply_at(q, past);
+      rope_decode_.apply_at(k, past);
+      // Append this head's keys and values (each pair writes only its own columns).
+      View ck(c.k.data(), c.capacity(), d), cv(c.v.data(), c.capacity(), d);
+      for (int64_t t = 0; t < nb; ++t) {
+        std::copy_n(k.row(t), dh, ck.row(past + t) + h * dh);
+        std::copy_n(v.row(t), dh, cv.row(past + t) + h * dh);
+      }
+      ConstView keys = ConstView(ck).row_range(0, total).col_range(h * dh, dh);
+      ConstView vals = ConstView(cv).row_range(0, total).col_range(h * dh, dh);
+      View s = scratch(s_buf, nb, total);
+      gemm(Trans::kNo, Trans::kYes, scale, q, keys, 0.0f, s);
+      // Causal, stable softmax as in forward(): new row t (position past + t) sees columns
+      // 0 .. past + t.
+      for (int64_t t = 0; t < nb; ++t) {
+        float* r = s.row(t);
+        const int64_t last = past + t;
+        float m = r[0];
+        for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j <= last; ++j) {
+          r[j] = act::exp_approx(r[j] - m);
+          sum += r[j];
+        }
+        const float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j <= last; ++j) r[j] *= inv;
+        for (int64_t j = last + 1; j < total; ++j) r[j] = 0.0f;
+      }
+      gemm(Trans::kNo, Trans::kNo, 1.0f, s, vals, 0.0f,
+           att.row_range(row0_[static_cast<size_t>(b)], nb).col_range(h * dh, dh));
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    caches[static_cast<size_t>(b)]->len += n_new[static_cast<size_t>(b)];
 
   gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
   if (bias_) add_bias(y, b_o_.data());

@@ -35,6 +35,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -53,13 +54,30 @@ class Rope {
   void apply(View x) const;
   // The transpose (inverse) rotation: turns dL/d(rotated) into dL/d(unrotated), in place.
   void apply_transpose(View x) const;
+  // x [T', d_h]: row t is position first + t, with first + T' within the prepared tables
+  // (which must start at position 0); rotated in place. Same values as apply().
+  void apply_at(View x, int64_t first) const;
   int64_t d_head() const { return dh_; }
+  int64_t n_pos() const { return pos0_ == 0 ? n_pos_ : 0; }
 
  private:
   int64_t dh_;
   double base_;
   int64_t pos0_ = -1, n_pos_ = 0;
   Tensor cos_, sin_;  // [T, d_h/2]
+};
+
+// One sequence's keys and values for one attention layer, for incremental decoding:
+// k, v [capacity, d] (head h at columns h*d_h), rows 0 .. len - 1 filled, k after RoPE.
+// Preallocated: appending never allocates.
+struct KvCache {
+  KvCache() = default;
+  KvCache(int64_t capacity, int64_t d_model);
+  int64_t capacity() const { return cap; }
+
+  Tensor k, v;      // [capacity, d]
+  int64_t len = 0;  // filled positions
+  int64_t cap = 0, d = 0;
 };
 
 struct AttentionConfig {
@@ -75,6 +93,13 @@ class Attention {
 
   // x [N, d] with N = n_seq * T -> y [N, d] (y must not alias x). Local; OpenMP inside.
   void forward(ConstView x, int64_t n_seq, View y, int64_t pos0 = 0);
+  // Incremental (inference) forward over B sequences of different lengths: x [N, d] holds
+  // n_new[b] new tokens of sequence b, sequences back to back (N = sum n_new). Sequence b's
+  // new tokens take positions caches[b]->len onward; their keys and values are appended to
+  // the cache and each attends causally over the whole cache. y [N, d] (must not alias x).
+  // Equals forward() on the full sequences, row for row. Keeps no backward cache. Local.
+  void forward_cached(ConstView x, std::span<const int64_t> n_new, std::span<KvCache* const> caches,
+                      View y);
   // dy [N, d] -> dx [N, d] (overwritten; may alias dy or x). ACCUMULATES the
   // parameter gradients. Consumes the cache.
   void backward(ConstView dy, View dx);
@@ -110,6 +135,12 @@ class Attention {
   Tensor datt_;             // [N, d]
   Tensor dqkv_;             // [N, 3d]
   std::vector<Tensor> dp_;  // per thread: [T, T] dL/dP
+
+  // Incremental decoding scratch.
+  Rope rope_decode_;            // tables from position 0
+  Tensor qkv_new_, att_new_;    // [N, 3d], [N, d]
+  std::vector<Tensor> scores_;  // per thread: [n_new, len] scores / probabilities
+  std::vector<int64_t> row0_;   // [B + 1] first row of each sequence
 };
 
 }  // namespace moe::model

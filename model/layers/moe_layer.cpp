@@ -19,6 +19,26 @@ TopKOptions router_options(const MoeConfig& c) {
 
 }  // namespace
 
+ExchangeMode parse_exchange_mode(const std::string& name) {
+  if (name == "auto") return ExchangeMode::kAuto;
+  if (name == "alltoallv") return ExchangeMode::kAlltoallv;
+  if (name == "shared") return ExchangeMode::kShared;
+  throw Error(ErrorKind::kConfig,
+              cat("comm.exchange = '", name, "' is not one of auto | alltoallv | shared"));
+}
+
+const char* exchange_mode_name(ExchangeMode m) {
+  switch (m) {
+    case ExchangeMode::kAuto:
+      return "auto";
+    case ExchangeMode::kAlltoallv:
+      return "alltoallv";
+    case ExchangeMode::kShared:
+      return "shared";
+  }
+  return "?";
+}
+
 MoeConfig MoeConfig::from(const Config& config) {
   MoeConfig c;
   c.n_experts = static_cast<int>(config.get_int("model.moe.num_experts"));
@@ -31,6 +51,7 @@ MoeConfig MoeConfig::from(const Config& config) {
   c.global_balance = config.get_string("model.moe.aux_loss_scope") == "global";
   c.capacity_factor = config.get_float("model.moe.capacity_factor");
   c.pipeline_chunks = static_cast<int>(config.get_int("model.moe.pipeline_chunks"));
+  c.exchange = parse_exchange_mode(config.get_string("comm.exchange"));
   if (c.top_k > c.n_experts)
     throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", c.top_k,
                                         " exceeds model.moe.num_experts = ", c.n_experts));
@@ -56,6 +77,22 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
             " ranks; the layer has ", config.n_experts, " experts over ", comm.size(), " ranks"));
   if (config.pipeline_chunks < 1)
     throw Error(ErrorKind::kConfig, cat(name_, ": pipeline_chunks ", config.pipeline_chunks));
+  // The shared path has no non-blocking form, so a pipelined layer uses MPI.
+  if (config.exchange == ExchangeMode::kShared && config.pipeline_chunks > 1)
+    throw Error(
+        ErrorKind::kConfig,
+        cat("comm.exchange = shared has no pipelined form, but model.moe.pipeline_chunks = ",
+            config.pipeline_chunks, "; set comm.exchange to auto or alltoallv"));
+  if (config.exchange != ExchangeMode::kAlltoallv && config.pipeline_chunks == 1) {
+    // Collective on first use (each splits off the node communicator): call both on every rank.
+    const bool a = ex_dispatch_.shared_available();
+    const bool b = ex_combine_.shared_available();
+    shared_ = a && b;
+    if (config.exchange == ExchangeMode::kShared && !shared_)
+      throw Error(ErrorKind::kConfig,
+                  cat("comm.exchange = shared needs every rank on one node, but the ", comm.size(),
+                      " ranks span several; set comm.exchange to auto or alltoallv"));
+  }
 }
 
 std::vector<ParamRef> MoeLayer::params() {
@@ -123,9 +160,22 @@ void MoeLayer::forward(ConstView x, View y) {
       R += plan_.n_recv();
     }
   }
-  View xin = scratch(xin_, R, d), yout = scratch(yout_, R, d);
   View slot_out = scratch(slot_out_, T * k, d);
 
+  if (shared_) {
+    // Single copy: the experts read ex_dispatch_'s input window (it stays valid, as their
+    // backward cache, until the next forward's dispatch_shared) and write its output window.
+    ConstView xin = ex_dispatch_.dispatch_shared(plan_, x);  // dispatch
+    View yout = ex_dispatch_.combine_buffer(plan_, d);
+    double t0 = seconds_now();
+    experts_.forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
+    expert_s += seconds_now() - t0;
+    ex_dispatch_.combine_shared(plan_, slot_out);  // combine
+    combine_weighted(y);
+    record_forward_stats(s0, s1, expert_s);
+    return;
+  }
+  View xin = scratch(xin_, R, d), yout = scratch(yout_, R, d);
   if (C == 1) {
     ex_dispatch_.dispatch(plan_, x, xin);  // dispatch
     double t0 = seconds_now();
@@ -156,7 +206,11 @@ void MoeLayer::forward(ConstView x, View y) {
     ex_combine_.combine_wait(last.plan, slot_out.row_range(last.t0 * k, last.nt * k));
   }
   combine_weighted(y);
+  record_forward_stats(s0, s1, expert_s);
+}
 
+void MoeLayer::record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,
+                                    double expert_s) {
   stats_ = MoeLoadStats{};
   stats_.load = plan_.stats();
   stats_.load_balance_loss = route_.load_balance_loss;
@@ -207,19 +261,32 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
     }
   }
 
+  View dslot = ds;  // each chunk's ds rows are sent before its dslot rows arrive
   int64_t R = 0;
   for (const Chunk& ch : chunks_) R += C == 1 ? plan_.n_recv() : ch.plan.n_recv();
-  View dyin(yout_.data(), R, d);  // the forward's expert outputs are no longer needed
-  View xin(xin_.data(), R, d);    // expert backward writes dL/dxin over its input
-  View dslot = ds;                // each chunk's ds rows are sent before its dslot rows arrive
 
-  if (C == 1) {
+  if (shared_) {
+    // Single copy through ex_combine_'s windows: ex_dispatch_'s input window still holds the
+    // forward's xin, which the experts' backward reads (cache.x). dyin, dxin and xin are three
+    // different windows, so nothing aliases; ds is consumed by dispatch_slots_shared before
+    // combine_shared writes dslot over it.
+    ConstView dyin = ex_combine_.dispatch_slots_shared(plan_, ds);  // combine^T
+    View dxin = ex_combine_.combine_buffer(plan_, d);
+    double t0 = seconds_now();
+    experts_.backward(dyin, dxin, chunks_[0].cache);  // experts^T
+    expert_s += seconds_now() - t0;
+    ex_combine_.combine_shared(plan_, dslot);  // dispatch^T
+  } else if (C == 1) {
+    View dyin(yout_.data(), R, d);  // the forward's expert outputs are no longer needed
+    View xin(xin_.data(), R, d);    // expert backward writes dL/dxin over its input
     ex_dispatch_.dispatch_slots(plan_, ds, dyin);  // combine^T
     double t0 = seconds_now();
     experts_.backward(dyin, xin, chunks_[0].cache);  // experts^T
     expert_s += seconds_now() - t0;
     ex_combine_.combine(plan_, xin, dslot);  // dispatch^T
   } else {
+    View dyin(yout_.data(), R, d);
+    View xin(xin_.data(), R, d);
     // The exchange has no non-blocking dispatch_slots; a plan with one slot per "token" over
     // the T*k slot rows moves the same rows in the same order (slots sorted by (rank, expert,
     // t*k + j) = (rank, expert, t, j)), so dispatch_start on it is dispatch_slots.

@@ -17,6 +17,18 @@
 //   route^T    router.backward(dweight) -> dx += ..., dW_r
 // Dropped or empty slots contribute zero (the token keeps its residual outside this layer).
 //
+// Exchange (comm.exchange): the MPI path above copies rows into the layer's own xin_ / yout_
+// buffers. When every rank is on one node and pipeline_chunks is 1, the node-local shared path
+// (Exchange::*_shared) moves each row once, straight into its final place, and the experts read
+// and write the exchange's windows:
+//   forward   xin = ex_dispatch.dispatch_shared(x); yout = ex_dispatch.combine_buffer();
+//             experts(xin -> yout); ex_dispatch.combine_shared(slot_out)
+//   backward  dyin = ex_combine.dispatch_slots_shared(ds); dxin = ex_combine.combine_buffer();
+//             experts^T(dyin -> dxin); ex_combine.combine_shared(dslot)
+// Backward uses the other Exchange because the experts' backward still reads the forward's
+// xin, which lives in ex_dispatch's input window until its next dispatch_shared (the next
+// forward). The results are bitwise those of the MPI path.
+//
 // Modes: dropless (capacity_factor 0, default) or capacity; pipeline_chunks > 1 splits the
 // local tokens into chunks and overlaps the exchange of chunk i+1 with the experts of chunk i
 // (Exchange *_start/*_wait), in forward and backward. Capacity drops are decided once on the
@@ -40,7 +52,14 @@
 
 namespace moe::model {
 
-// The `model.moe.*` configuration block (runtime/config.cpp documents every key).
+// How the layer moves rows (`comm.exchange`): kAuto = kShared when every rank is on one node and
+// pipeline_chunks is 1, else kAlltoallv.
+enum class ExchangeMode { kAuto, kAlltoallv, kShared };
+ExchangeMode parse_exchange_mode(const std::string& name);  // "auto" | "alltoallv" | "shared"
+const char* exchange_mode_name(ExchangeMode m);
+
+// The `model.moe.*` configuration block and `comm.exchange` (runtime/config.cpp documents every
+// key).
 struct MoeConfig {
   int n_experts = 8;
   int top_k = 2;
@@ -52,6 +71,7 @@ struct MoeConfig {
   bool global_balance = true;    // model.moe.aux_loss_scope: global (true) or rank
   double capacity_factor = 0.0;  // 0 = dropless
   int pipeline_chunks = 1;       // 1 = off
+  ExchangeMode exchange = ExchangeMode::kAuto;
 
   static MoeConfig from(const Config& config);
 };
@@ -72,7 +92,9 @@ struct MoeLoadStats {
 class MoeLayer {
  public:
   // The placement must have config.n_experts experts over comm.size() ranks. Weights come
-  // from seed: router replicated, experts by global id.
+  // from seed: router replicated, experts by global id. Collective (it resolves
+  // config.exchange: comm.exchange = shared on ranks that are not all on one node, or with
+  // pipeline_chunks > 1, is an Error(kConfig)).
   MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
            const comm::ExpertPlacement& placement, const comm::Communicator& comm, uint64_t seed);
 
@@ -90,6 +112,10 @@ class MoeLayer {
   TopKRouter& router() { return router_; }
   ExpertBank& experts() { return experts_; }
   const MoeConfig& config() const { return config_; }
+  // The path config.exchange resolved to: kShared or kAlltoallv.
+  ExchangeMode exchange() const {
+    return shared_ ? ExchangeMode::kShared : ExchangeMode::kAlltoallv;
+  }
   // Router parameters are replicated (all-reduce their gradients over data parallel ranks);
   // expert parameters live only here.
   std::vector<ParamRef> params();
@@ -106,6 +132,8 @@ class MoeLayer {
     int64_t n_recv() const { return plan.recv_offsets().back(); }
   };
   void combine_weighted(View y) const;
+  void record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,
+                            double expert_s);
 
   std::string name_;
   int64_t d_;
@@ -115,15 +143,15 @@ class MoeLayer {
   TopKRouter router_;
   ExpertBank experts_;
   comm::Exchange ex_dispatch_, ex_combine_;  // two, so a dispatch and a combine can overlap
+  bool shared_ = false;                      // node-local shared-window path (see the top)
 
   // Cache of the last forward.
   ConstView x_;  // [T, d] borrowed input
   RouteResult route_;
   comm::DispatchPlan plan_;    // whole batch: drops and load statistics
   std::vector<Chunk> chunks_;  // 1 (unpipelined) or pipeline_chunks
-  Tensor xin_;                 // [R, d] expert input rows (experts' cache)
-  Tensor yout_;                // [R, d] expert output rows; dL/dyout in backward
-  Tensor dxin_;                // [R, d] dL/dxin in backward
+  Tensor xin_;                 // [R, d] expert input rows (experts' cache); MPI path only
+  Tensor yout_;                // [R, d] expert output rows; dL/dyout in backward; MPI path only
   Tensor slot_out_;            // [T*k, d] expert output per slot (kept for dweight)
   Tensor slot_grad_;           // [T*k, d] backward: w-scaled dy per slot, then dL/dx per slot
   Tensor dweight_;             // [T, k]

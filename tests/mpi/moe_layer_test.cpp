@@ -2,7 +2,9 @@
 // output, input gradient and every weight gradient on np = 1, 2, 4 equal a single-rank reference
 // computed inside the same test on a self-communicator (relative error < 1e-5), in dropless,
 // capacity and pipelined modes, GELU and SwiGLU, and under degenerate loads (every token to
-// one expert, experts with nothing, a rank with no tokens).
+// one expert, experts with nothing, a rank with no tokens). Every case runs the distributed
+// layer with both exchanges (comm.exchange alltoallv, and shared where it applies: one node,
+// no pipelining); the shared path must also be bitwise equal to the MPI path.
 #include "model/layers/moe_layer.hpp"
 
 #include <gtest/gtest.h>
@@ -17,6 +19,7 @@ using moe::View;
 using moe::comm::Communicator;
 using moe::comm::ExpertPlacement;
 using moe::model::Activation;
+using moe::model::ExchangeMode;
 using moe::model::MoeConfig;
 using moe::model::MoeLayer;
 
@@ -56,13 +59,27 @@ std::vector<int64_t> even_shard(int64_t T, int P) {
   return b;
 }
 
-void run_case(const Case& c) {
+// What a distributed run leaves behind, for the bitwise comparison of the two exchanges.
+struct Outcome {
+  Tensor y, dx, dw_router;
+  std::vector<Tensor> dw_experts;  // dW1, dW2 per local expert
+};
+
+bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  if (a.numel() != b.numel()) return false;
+  for (int64_t i = 0; i < a.numel(); ++i)
+    if (a[i] != b[i]) return false;  // the values are finite: == is bitwise here
+  return true;
+}
+
+Outcome run_mode(const Case& c, ExchangeMode mode) {
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
   const int P = world.size(), rank = world.rank();
   const int64_t T = c.tokens, d = c.d;
   const int k = c.config.top_k;
-  SCOPED_TRACE(c.name + " np=" + std::to_string(P));
+  SCOPED_TRACE(c.name + " np=" + std::to_string(P) + " exchange " +
+               moe::model::exchange_mode_name(mode));
 
   Tensor x({T, d}), dy({T, d});
   randomize(x.view(), 101);
@@ -79,7 +96,10 @@ void run_case(const Case& c) {
 
   // The distributed layer on this rank's shard.
   ExpertPlacement placement = ExpertPlacement::blocked(c.config.n_experts, P);
-  MoeLayer layer("moe", d, c.config, placement, world, 1234);
+  MoeConfig cfg = c.config;
+  cfg.exchange = mode;
+  MoeLayer layer("moe", d, cfg, placement, world, 1234);
+  EXPECT_EQ(layer.exchange(), mode);
   if (c.tweak) c.tweak(layer);
   std::vector<int64_t> b = c.shard ? c.shard(T, P) : even_shard(T, P);
   const int64_t t0 = b[rank], nt = b[rank + 1] - b[rank];
@@ -126,6 +146,30 @@ void run_case(const Case& c) {
     EXPECT_EQ(s.slots_dropped, 0);
   }
   EXPECT_EQ(s.slots_total, T * k);
+
+  Outcome out{y.clone(), dx.clone(), layer.router().dw().clone(), {}};
+  for (int e = 0; e < static_cast<int>(ids.size()); ++e) {
+    for (View g : {layer.experts().dw1(e), layer.experts().dw2(e)}) {
+      Tensor t({g.rows, g.cols});
+      moe::copy(g, t.view());
+      out.dw_experts.push_back(std::move(t));
+    }
+  }
+  return out;
+}
+
+// Both exchanges against the single-rank reference, and against each other bitwise.
+void run_case(const Case& c) {
+  Outcome mpi = run_mode(c, ExchangeMode::kAlltoallv);
+  if (c.config.pipeline_chunks > 1) return;  // the shared path has no pipelined form
+  Outcome shared = run_mode(c, ExchangeMode::kShared);
+  SCOPED_TRACE(c.name + ": shared vs alltoallv");
+  EXPECT_TRUE(bitwise_equal(shared.y, mpi.y)) << "y";
+  EXPECT_TRUE(bitwise_equal(shared.dx, mpi.dx)) << "dx";
+  EXPECT_TRUE(bitwise_equal(shared.dw_router, mpi.dw_router)) << "router dW";
+  ASSERT_EQ(shared.dw_experts.size(), mpi.dw_experts.size());
+  for (size_t i = 0; i < mpi.dw_experts.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(shared.dw_experts[i], mpi.dw_experts[i])) << "expert dW " << i;
 }
 
 MoeConfig config(Activation act, double capacity, int chunks, int k = 2) {
@@ -305,11 +349,15 @@ TEST(MoeConfig, FromConfigDefaultsAndOverrides) {
   EXPECT_TRUE(d.renormalize);
   EXPECT_EQ(d.capacity_factor, 0.0);
   EXPECT_EQ(d.pipeline_chunks, 1);
+  EXPECT_EQ(d.exchange, ExchangeMode::kAuto);
   moe::Config c = moe::Config::parse(
       "model:\n  moe:\n    activation: swiglu\n    capacity_factor: 1.25\n    top_k: 1\n",
       "t.yaml");
   c.set("model.moe.pipeline_chunks=4");
+  c.set("comm.exchange=alltoallv");
   MoeConfig o = MoeConfig::from(c);
+  EXPECT_EQ(o.exchange, ExchangeMode::kAlltoallv);
+  EXPECT_THROW(c.set("comm.exchange=shm"), moe::Error);
   EXPECT_EQ(o.activation, Activation::kSwiglu);
   EXPECT_EQ(o.capacity_factor, 1.25);
   EXPECT_EQ(o.top_k, 1);
@@ -319,4 +367,27 @@ TEST(MoeConfig, FromConfigDefaultsAndOverrides) {
   moe::Config big;
   big.set("model.moe.top_k=9");
   EXPECT_THROW(MoeConfig::from(big), moe::Error);  // top_k > num_experts
+}
+
+TEST(MoeLayer, ExchangeModeResolution) {
+  // All test ranks share one node: auto is shared unless pipelined; shared + pipelined is a
+  // configuration error naming both keys.
+  Communicator world = Communicator::world();
+  ExpertPlacement placement = ExpertPlacement::blocked(8, world.size());
+  MoeConfig cfg = config(Activation::kGelu, 0.0, 1);
+  EXPECT_EQ(MoeLayer("a", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kShared);
+  cfg.pipeline_chunks = 2;
+  EXPECT_EQ(MoeLayer("b", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kAlltoallv);
+  cfg.exchange = ExchangeMode::kShared;
+  try {
+    MoeLayer("c", 16, cfg, placement, world, 1);
+    ADD_FAILURE() << "shared with pipeline_chunks 2 was accepted";
+  } catch (const moe::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("comm.exchange"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("model.moe.pipeline_chunks"), std::string::npos)
+        << e.what();
+  }
+  cfg.pipeline_chunks = 1;
+  cfg.exchange = ExchangeMode::kAlltoallv;
+  EXPECT_EQ(MoeLayer("d", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kAlltoallv);
 }

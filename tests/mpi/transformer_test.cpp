@@ -97,6 +97,12 @@ TEST_P(TransformerDistributed, EqualsSingleRank) {
     ASSERT_TRUE(single.grads.count(name)) << name;
     EXPECT_LT(rel(g, single.grads[name]), 1e-5) << name;
   }
+  // comm.exchange: auto (shared here, all ranks on one node) and alltoallv are bitwise equal.
+  ModelConfig mpi_cfg = cfg;
+  mpi_cfg.moe.exchange = moe::model::ExchangeMode::kAlltoallv;
+  Result mpi = run(mpi_cfg, world, data, n_seq, seq_len);
+  EXPECT_EQ(dist.loss, mpi.loss);
+  for (const auto& [name, g] : dist.grads) EXPECT_TRUE(g == mpi.grads[name]) << name;
 }
 
 INSTANTIATE_TEST_SUITE_P(DenseAndMoe, TransformerDistributed,

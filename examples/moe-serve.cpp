@@ -1,0 +1,345 @@
+// moe-serve: an HTTP completion service over the expert-parallel model.
+//   mpirun -np N build/bin/moe-serve --checkpoint DIR [--host 127.0.0.1] [--port 8000]
+//          [--max-batch 8] [--max-context L] [--data FILE]
+// Every rank loads the dense weights and its own experts. Rank 0 runs the HTTP server
+// (cpp-httplib, a thread pool) and the engine; HTTP threads only queue requests and wait for
+// their tokens: the main thread alone calls MPI (model/serve/engine.hpp). Endpoints:
+//   POST /v1/completions   model/serve/api.hpp; "stream": true sends server-sent events
+//   GET  /healthz          {"status": "ok"} (503 while shutting down)
+//   GET  /metrics          JSON counters of the engine and the HTTP front end
+// SIGINT/SIGTERM: stop accepting, finish the queued and active requests, stop every rank,
+// exit 0.
+#include <httplib.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "comm/communicator.hpp"
+#include "model/serve/api.hpp"
+#include "model/serve/engine.hpp"
+#include "model/transformer.hpp"
+#include "runtime/checkpoint.hpp"
+#include "runtime/data.hpp"
+#include "runtime/error.hpp"
+#include "runtime/log.hpp"
+#include "runtime/threads.hpp"
+
+namespace {
+
+using moe::cat;
+using moe::model::serve::ApiError;
+using moe::model::serve::Engine;
+using moe::model::serve::Request;
+using nlohmann::json;
+
+volatile std::sig_atomic_t g_signal = 0;
+extern "C" void on_signal(int sig) {
+  g_signal = sig;
+}
+
+double unix_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// The HTTP front end on rank 0: validates, queues and answers. Never calls MPI.
+class Service {
+ public:
+  Service(Engine& engine, const moe::Tokenizer& tok, std::string model_name)
+      : engine_(engine), tok_(tok), model_(std::move(model_name)), started_(unix_seconds()) {}
+
+  std::vector<int32_t> encode(const std::string& text) {
+    std::lock_guard<std::mutex> lock(tok_mu_);
+    return tok_.encode(text);
+  }
+  std::string decode(const std::vector<int32_t>& ids) {
+    std::lock_guard<std::mutex> lock(tok_mu_);
+    return tok_.decode(ids);
+  }
+
+  void routes(httplib::Server& s) {
+    s.Post("/v1/completions",
+           [this](const httplib::Request& q, httplib::Response& r) { completions(q, r); });
+    s.Get("/healthz", [this](const httplib::Request&, httplib::Response& r) {
+      const bool ok = engine_.accepting();
+      r.status = ok ? 200 : 503;
+      r.set_content(json{{"status", ok ? "ok" : "shutting down"}}.dump(), "application/json");
+    });
+    s.Get("/metrics", [this](const httplib::Request&, httplib::Response& r) {
+      r.set_content(metrics().dump(), "application/json");
+    });
+    s.set_error_handler([this](const httplib::Request&, httplib::Response& r) {
+      if (!r.body.empty()) return;
+      ++bad_requests_;
+      r.set_content(
+          moe::model::serve::dump(moe::model::serve::error_json(
+              r.status, r.status == 404 ? "no such endpoint" : cat("HTTP status ", r.status))),
+          "application/json");
+    });
+    s.set_exception_handler(
+        [](const httplib::Request&, httplib::Response& r, std::exception_ptr e) {
+          std::string what = "unknown error";
+          try {
+            std::rethrow_exception(e);
+          } catch (const std::exception& x) {
+            what = x.what();
+          } catch (...) {
+          }
+          r.status = 500;
+          r.set_content(moe::model::serve::dump(moe::model::serve::error_json(500, what)),
+                        "application/json");
+        });
+  }
+
+  json metrics() const {
+    const moe::model::serve::EngineStats st = engine_.stats();
+    return {{"requests", st.requests},
+            {"requests_done", st.requests_done},
+            {"requests_rejected", bad_requests_.load()},
+            {"prompt_tokens", st.prompt_tokens},
+            {"tokens_generated", st.tokens_generated},
+            {"queue_length", st.queue_length},
+            {"batch_size", st.batch_size},
+            {"max_batch", engine_.options().max_batch},
+            {"max_context", engine_.options().max_context},
+            {"steps", st.steps},
+            {"step_seconds_last", st.last_step_seconds},
+            {"step_seconds_mean", st.steps ? st.step_seconds_total / double(st.steps) : 0.0},
+            {"all2all_seconds_total", st.exchange_seconds_total},
+            {"uptime_seconds", unix_seconds() - started_},
+            {"accepting", engine_.accepting()}};
+  }
+
+ private:
+  void reject(httplib::Response& r, int status, const std::string& message) {
+    ++bad_requests_;
+    r.status = status;
+    r.set_content(moe::model::serve::dump(moe::model::serve::error_json(status, message)),
+                  "application/json");
+  }
+
+  json chunk(const std::string& id, const std::string& text, const char* finish) const {
+    json c = {{"index", 0}, {"text", text}, {"finish_reason", nullptr}};
+    if (finish) c["finish_reason"] = finish;
+    return {{"id", id},
+            {"object", "text_completion"},
+            {"created", static_cast<int64_t>(started_)},
+            {"model", model_},
+            {"choices", json::array({c})}};
+  }
+
+  void completions(const httplib::Request& q, httplib::Response& r) {
+    moe::model::serve::CompletionParams p;
+    auto req = std::make_shared<Request>();
+    try {
+      p = moe::model::serve::parse_completion(q.body);
+      req->prompt = encode(p.prompt);
+      const int64_t n = static_cast<int64_t>(req->prompt.size());
+      const int64_t ctx = engine_.options().max_context;
+      if (n == 0) throw ApiError(400, "field 'prompt' encodes to no tokens");
+      if (n >= ctx)
+        throw ApiError(400, cat("the prompt is ", n, " tokens; the context holds ", ctx,
+                                " (prompt + max_tokens)"));
+      if (n + p.max_tokens > ctx)
+        throw ApiError(400, cat("max_tokens = ", p.max_tokens, " exceeds the limit of ", ctx - n,
+                                " for this prompt of ", n, " tokens (context ", ctx, ")"));
+    } catch (const ApiError& e) {
+      reject(r, e.status, e.what());
+      return;
+    }
+    req->max_tokens = p.max_tokens;
+    req->sampling = p.sampling;
+    req->stop = p.stop;
+    if (!engine_.submit(req)) {
+      reject(r, 503, "the server is shutting down or its queue is full");
+      return;
+    }
+    const std::string id = cat("cmpl-", ++next_id_);
+    if (!p.stream) {
+      std::unique_lock<std::mutex> lock(req->mu);
+      req->cv.wait(lock, [&] { return req->done; });
+      const int64_t n_prompt = static_cast<int64_t>(req->prompt.size());
+      const int64_t n_out = static_cast<int64_t>(req->tokens.size());
+      json out = chunk(id, req->text, moe::model::serve::finish_name(req->finish));
+      out["choices"][0]["token_ids"] = req->tokens;
+      out["usage"] = {{"prompt_tokens", n_prompt},
+                      {"completion_tokens", n_out},
+                      {"total_tokens", n_prompt + n_out}};
+      r.set_content(moe::model::serve::dump(out), "application/json");
+      return;
+    }
+    // Server-sent events: one per generated token (its piece of text and id), then the finish
+    // and [DONE].
+    auto sent = std::make_shared<size_t>(0);  // tokens sent
+    r.set_header("Cache-Control", "no-cache");
+    r.set_chunked_content_provider(
+        "text/event-stream",
+        [this, req, sent, id](size_t, httplib::DataSink& sink) {
+          std::unique_lock<std::mutex> lock(req->mu);
+          req->cv.wait_for(lock, std::chrono::milliseconds(200),
+                           [&] { return req->done || req->marks.size() > *sent; });
+          std::string events;
+          for (; *sent < req->marks.size(); ++*sent) {
+            const size_t end = std::min(req->marks[*sent], req->text.size());
+            const size_t begin = *sent ? std::min(req->marks[*sent - 1], end) : 0;
+            json ev = chunk(id, req->text.substr(begin, end - begin), nullptr);
+            ev["choices"][0]["token_id"] = req->tokens[*sent];
+            events += "data: " + moe::model::serve::dump(ev) + "\n\n";
+          }
+          const bool done = req->done;
+          if (done) {
+            // Text released at the end (a cut at a stop string, a held tail) goes in the last
+            // event.
+            const size_t shown =
+                req->marks.empty() ? 0 : std::min(req->marks.back(), req->text.size());
+            events += "data: " +
+                      moe::model::serve::dump(chunk(id, req->text.substr(shown),
+                                                    moe::model::serve::finish_name(req->finish))) +
+                      "\n\ndata: [DONE]\n\n";
+          }
+          lock.unlock();
+          if (!sink.is_writable() ||
+              (!events.empty() && !sink.write(events.data(), events.size()))) {
+            req->cancelled.store(true);  // the client left: free its batch slot
+            return false;
+          }
+          if (done) sink.done();
+          return true;
+        },
+        [req](bool success) {
+          if (!success) req->cancelled.store(true);
+        });
+  }
+
+  Engine& engine_;
+  const moe::Tokenizer& tok_;
+  std::mutex tok_mu_;
+  std::string model_;
+  double started_;
+  std::atomic<int64_t> next_id_{0}, bad_requests_{0};
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moe::comm::MpiSession mpi(&argc, &argv);
+  return moe::run_or_die([&]() -> int {
+    CLI::App app{"moe-serve: an HTTP completion service over a checkpoint"};
+    std::string ckpt, data, host = "127.0.0.1";
+    int port = 8000, max_batch = 8, threads_http = 80;
+    int64_t max_context = 0;
+    app.add_option("--checkpoint", ckpt, "checkpoint root or step directory")->required();
+    app.add_option("--host", host, "address to bind (rank 0)");
+    app.add_option("--port", port, "port to bind (rank 0)")->check(CLI::Range(1, 65535));
+    app.add_option("--max-batch", max_batch, "sequences per decode step")
+        ->check(CLI::Range(1, 4096));
+    app.add_option("--max-context", max_context,
+                   "positions per sequence, prompt + max_tokens (default: train.seq_len)")
+        ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+    app.add_option("--http-threads", threads_http, "HTTP worker threads (concurrent clients)")
+        ->check(CLI::Range(1, 4096));
+    app.add_option("--data", data, "token file whose tokenizer to use (default: the run's)");
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      if (e.get_exit_code() == 0) return app.exit(e);
+      throw moe::Error(moe::ErrorKind::kConfig, cat("moe-serve: ", e.what()));
+    }
+    moe::comm::Communicator world = moe::comm::Communicator::world();
+    moe::log::init(world.rank(), world.size(), "info");
+    moe::ThreadPolicy threads;
+    threads.apply(world.size());
+    struct sigaction sa = {};
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+    std::signal(SIGPIPE, SIG_IGN);
+
+    // Every rank reads the stored config and the tokenizer; all agree before the model exists.
+    std::string error;
+    moe::Config config;
+    std::unique_ptr<moe::Tokenizer> tok;
+    moe::TokenFileInfo info;
+    try {
+      config = moe::Config::parse(moe::checkpoint::read_config(ckpt), ckpt + " (stored config)");
+      if (data.empty()) data = config.get_string("data.path");
+      info = moe::read_token_file_info(data);
+      tok = moe::load_tokenizer(data);
+    } catch (const moe::Error& e) {
+      error = e.message();
+    }
+    world.agree(error, moe::ErrorKind::kData, "load checkpoint config");
+    moe::model::ModelConfig mc = moe::model::ModelConfig::from(config, info.vocab_size);
+    moe::model::Transformer model(mc, world, 0);
+
+    std::vector<moe::checkpoint::TensorEntry> dense;
+    for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
+    std::vector<moe::checkpoint::ExpertEntry> experts;
+    for (int l = 0; l < mc.n_layers; ++l) {
+      moe::model::MoeLayer* m = model.moe_layer(l);
+      if (!m) continue;
+      for (int e = 0; e < m->experts().n_local(); ++e) {
+        moe::checkpoint::ExpertEntry x;
+        x.layer = l;
+        x.expert = m->experts().global_ids()[static_cast<size_t>(e)];
+        x.tensors.push_back({"w1", m->experts().w1(e), {}, {}, nullptr});
+        x.tensors.push_back({"w2", m->experts().w2(e), {}, {}, nullptr});
+        experts.push_back(std::move(x));
+      }
+    }
+    moe::checkpoint::Metadata meta = moe::checkpoint::load(ckpt, dense, experts, world);
+
+    moe::model::serve::EngineOptions eo;
+    eo.max_batch = max_batch;
+    eo.max_context = max_context > 0 ? max_context : config.get_int("train.seq_len");
+    std::unique_ptr<Service> service;
+    Engine engine(model, world, eo,
+                  [&service](const std::vector<int32_t>& ids) { return service->decode(ids); });
+    service = std::make_unique<Service>(engine, *tok, cat("moe-", meta.step));
+
+    // Rank 0 binds; every rank learns whether that worked before serving.
+    httplib::Server server;
+    error.clear();
+    if (world.rank() == 0) {
+      server.new_task_queue = [threads_http] {
+        return new httplib::ThreadPool(static_cast<size_t>(threads_http));
+      };
+      server.set_payload_max_length(size_t{1} << 20);
+      // SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, which would let a second
+      // server share the port instead of failing.
+      server.set_socket_options([](socket_t sock) {
+        int yes = 1;
+        setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+      });
+      service->routes(server);
+      if (!server.bind_to_port(host, port))
+        error = cat("moe-serve: cannot listen on ", host, ":", port);
+    }
+    world.agree(error, moe::ErrorKind::kConfig, "bind");
+    std::thread http;
+    if (world.rank() == 0) {
+      http = std::thread([&server] { server.listen_after_bind(); });
+      std::printf(
+          "moe-serve: listening on http://%s:%d (checkpoint step %lld, %d rank(s), "
+          "max batch %d, context %lld)\n",
+          host.c_str(), port, static_cast<long long>(meta.step), world.size(), max_batch,
+          static_cast<long long>(eo.max_context));
+      std::fflush(stdout);
+    }
+    engine.run([] { return g_signal != 0; });
+    if (world.rank() == 0) {
+      server.stop();
+      http.join();
+      const auto st = engine.stats();
+      std::printf("moe-serve: stopped (signal %d): %lld requests, %lld tokens generated\n",
+                  static_cast<int>(g_signal), static_cast<long long>(st.requests),
+                  static_cast<long long>(st.tokens_generated));
+      std::fflush(stdout);
+    }
+    return 0;
+  });
+}
