@@ -203,10 +203,11 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   const int64_t end_step =
       options.stop_after > 0 ? std::min(total_steps, start_step + options.stop_after) : total_steps;
 
-  // The job's fp32 peak: every rank's threads at the measured clock (rank 0 measures).
-  CpuPeak peak;
-  if (rank == 0) peak = measure_cpu_peak(1);
-  double per_thread_gflops = comm.max(rank == 0 ? peak.gflops : 0.0, "peak");
+  // The job's fp32 peak: every rank's threads at the measured clock. Every rank measures at
+  // once (none busy-waits in MPI meanwhile, which could slow a sibling hardware thread) and the
+  // fastest clock wins.
+  const CpuPeak peak = measure_cpu_peak(1);
+  const double per_thread_gflops = comm.max(peak.gflops, "peak");
   const double job_peak = comm.sum(per_thread_gflops * run.threads.omp_threads, "peak");
   const double flops_per_token = mc->flops_per_token(shape.seq_len);
 
