@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "comm/communicator.hpp"
+#include "model/generate.hpp"
 #include "model/serve/api.hpp"
 #include "model/serve/engine.hpp"
 #include "model/transformer.hpp"
@@ -259,39 +260,11 @@ int main(int argc, char** argv) {
     sigaction(SIGTERM, &sa, nullptr);
     std::signal(SIGPIPE, SIG_IGN);
 
-    // Every rank reads the stored config and the tokenizer; all agree before the model exists.
-    std::string error;
-    moe::Config config;
-    std::unique_ptr<moe::Tokenizer> tok;
-    moe::TokenFileInfo info;
-    try {
-      config = moe::Config::parse(moe::checkpoint::read_config(ckpt), ckpt + " (stored config)");
-      if (data.empty()) data = config.get_string("data.path");
-      info = moe::read_token_file_info(data);
-      tok = moe::load_tokenizer(data);
-    } catch (const moe::Error& e) {
-      error = e.message();
-    }
-    world.agree(error, moe::ErrorKind::kData, "load checkpoint config");
-    moe::model::ModelConfig mc = moe::model::ModelConfig::from(config, info.vocab_size);
-    moe::model::Transformer model(mc, world, 0);
-
-    std::vector<moe::checkpoint::TensorEntry> dense;
-    for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
-    std::vector<moe::checkpoint::ExpertEntry> experts;
-    for (int l = 0; l < mc.n_layers; ++l) {
-      moe::model::MoeLayer* m = model.moe_layer(l);
-      if (!m) continue;
-      for (int e = 0; e < m->experts().n_local(); ++e) {
-        moe::checkpoint::ExpertEntry x;
-        x.layer = l;
-        x.expert = m->experts().global_ids()[static_cast<size_t>(e)];
-        x.tensors.push_back({"w1", m->experts().w1(e), {}, {}, nullptr});
-        x.tensors.push_back({"w2", m->experts().w2(e), {}, {}, nullptr});
-        experts.push_back(std::move(x));
-      }
-    }
-    moe::checkpoint::Metadata meta = moe::checkpoint::load(ckpt, dense, experts, world);
+    moe::model::LoadedModel loaded = moe::model::load_for_inference(ckpt, data, world);
+    moe::model::Transformer& model = *loaded.model;
+    const moe::Config& config = loaded.config;
+    const auto& tok = loaded.tokenizer;
+    const moe::checkpoint::Metadata& meta = loaded.meta;
 
     moe::model::serve::EngineOptions eo;
     eo.max_batch = max_batch;
@@ -303,7 +276,7 @@ int main(int argc, char** argv) {
 
     // Rank 0 binds; every rank learns whether that worked before serving.
     httplib::Server server;
-    error.clear();
+    std::string error;
     if (world.rank() == 0) {
       server.new_task_queue = [threads_http] {
         return new httplib::ThreadPool(static_cast<size_t>(threads_http));

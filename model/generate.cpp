@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "runtime/data.hpp"
 #include "runtime/error.hpp"
 
 namespace moe::model {
@@ -68,6 +69,46 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
     comm.broadcast(&go, 1, 0, "generate continue");
     if (!go) break;
   }
+  return out;
+}
+
+LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::string& data_override,
+                               const comm::Communicator& comm) {
+  // Every rank reads the stored config and the tokenizer; all agree before the model exists.
+  LoadedModel out;
+  std::string error;
+  TokenFileInfo info;
+  try {
+    out.config =
+        Config::parse(checkpoint::read_config(checkpoint_dir), checkpoint_dir + " (stored config)");
+    const std::string data =
+        data_override.empty() ? out.config.get_string("data.path") : data_override;
+    info = read_token_file_info(data);
+    out.tokenizer = load_tokenizer(data);
+  } catch (const Error& e) {
+    error = e.message();
+  }
+  comm.agree(error, ErrorKind::kData, "load checkpoint config");
+  const ModelConfig mc = ModelConfig::from(out.config, info.vocab_size);
+  out.model = std::make_unique<Transformer>(mc, comm, 0);
+  Transformer& model = *out.model;
+
+  std::vector<checkpoint::TensorEntry> dense;
+  for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
+  std::vector<checkpoint::ExpertEntry> experts;
+  for (int l = 0; l < mc.n_layers; ++l) {
+    MoeLayer* m = model.moe_layer(l);
+    if (!m) continue;
+    for (int e = 0; e < m->experts().n_local(); ++e) {
+      checkpoint::ExpertEntry x;
+      x.layer = l;
+      x.expert = m->experts().global_ids()[static_cast<size_t>(e)];
+      x.tensors.push_back({"w1", m->experts().w1(e), {}, {}, nullptr});
+      x.tensors.push_back({"w2", m->experts().w2(e), {}, {}, nullptr});
+      experts.push_back(std::move(x));
+    }
+  }
+  out.meta = checkpoint::load(checkpoint_dir, dense, experts, comm);
   return out;
 }
 

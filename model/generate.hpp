@@ -14,6 +14,9 @@
 
 #include "comm/communicator.hpp"
 #include "model/transformer.hpp"
+#include "runtime/checkpoint.hpp"
+#include "runtime/config.hpp"
+#include "runtime/tokenizer.hpp"
 
 namespace moe::model {
 
@@ -33,5 +36,19 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
                               int64_t max_new, int64_t window, const SampleOptions& options,
                               const comm::Communicator& comm,
                               const std::function<bool(const std::vector<int32_t>&)>& stop = {});
+
+// A model restored from a checkpoint for inference: the configuration stored in it, the
+// tokenizer of the token file it was trained on (or data_override), the Transformer with every
+// dense weight and this rank's experts, and the checkpoint's metadata. No optimiser state is
+// read. Collective over comm; every rank fails alike on a missing or unreadable checkpoint or
+// token file.
+struct LoadedModel {
+  Config config;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Transformer> model;
+  checkpoint::Metadata meta;
+};
+LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::string& data_override,
+                               const comm::Communicator& comm);
 
 }  // namespace moe::model
