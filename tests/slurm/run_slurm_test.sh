@@ -45,6 +45,14 @@ stop_daemons() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
+  # Launchers a job left behind (an srun that mpirun started inside a batch script can outlive
+  # its daemons) carry this cluster's SLURM_CONF in their environment: end them too.
+  for p in /proc/[0-9]*; do
+    [ "${p#/proc/}" = "$$" ] && continue
+    if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$T/slurm.conf"; then
+      kill -9 "${p#/proc/}" 2>/dev/null
+    fi
+  done
 }
 cleanup() {
   local rc=$?
