@@ -170,23 +170,27 @@ void Transformer::zero_grad() {
   for (auto& p : experts_) p.grad.fill(0.0f);
 }
 
-void Transformer::run_blocks(int64_t n, int64_t n_seq) {
+void Transformer::run_block(int l, int64_t n,
+                            const std::function<void(Block&, ConstView, View)>& attend) {
   const int64_t d = config_.d_model;
-  for (int l = 0; l < config_.n_layers; ++l) {
-    Block& b = *blocks_[static_cast<size_t>(l)];
-    ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
-    View h1 = rows(b.h1, n, d), x1 = rows(b.x1, n, d), h2 = rows(b.h2, n, d);
-    View out = rows(b.out, n, d);
-    b.norm1->forward(x, h1);
-    b.attn->forward(h1, n_seq, out);
-    add(x, out, x1);
-    b.norm2->forward(x1, h2);
-    if (b.moe)
-      b.moe->forward(h2, out);
-    else
-      b.ffn->forward(h2, out);
-    add(x1, out, rows(x_[static_cast<size_t>(l) + 1], n, d));
-  }
+  Block& b = *blocks_[static_cast<size_t>(l)];
+  ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
+  View h1 = rows(b.h1, n, d), x1 = rows(b.x1, n, d), h2 = rows(b.h2, n, d);
+  View out = rows(b.out, n, d);
+  b.norm1->forward(x, h1);
+  attend(b, h1, out);
+  add(x, out, x1);
+  b.norm2->forward(x1, h2);
+  if (b.moe)
+    b.moe->forward(h2, out);
+  else
+    b.ffn->forward(h2, out);
+  add(x1, out, rows(x_[static_cast<size_t>(l) + 1], n, d));
+}
+
+void Transformer::run_blocks(int64_t n, int64_t n_seq) {
+  for (int l = 0; l < config_.n_layers; ++l)
+    run_block(l, n, [&](Block& b, ConstView h, View out) { b.attn->forward(h, n_seq, out); });
 }
 
 double Transformer::forward(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
@@ -267,24 +271,13 @@ SequenceCache Transformer::new_cache(int64_t max_context) const {
 
 void Transformer::run_blocks_cached(int64_t n, std::span<const int64_t> n_new,
                                     std::span<SequenceCache* const> caches) {
-  const int64_t d = config_.d_model;
   layer_caches_.resize(caches.size());
   for (int l = 0; l < config_.n_layers; ++l) {
-    Block& b = *blocks_[static_cast<size_t>(l)];
     for (size_t s = 0; s < caches.size(); ++s)
       layer_caches_[s] = &caches[s]->layers[static_cast<size_t>(l)];
-    ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
-    View h1 = rows(b.h1, n, d), x1 = rows(b.x1, n, d), h2 = rows(b.h2, n, d);
-    View out = rows(b.out, n, d);
-    b.norm1->forward(x, h1);
-    b.attn->forward_cached(h1, n_new, layer_caches_, out);
-    add(x, out, x1);
-    b.norm2->forward(x1, h2);
-    if (b.moe)
-      b.moe->forward(h2, out);
-    else
-      b.ffn->forward(h2, out);
-    add(x1, out, rows(x_[static_cast<size_t>(l) + 1], n, d));
+    run_block(l, n, [&](Block& b, ConstView h, View out) {
+      b.attn->forward_cached(h, n_new, layer_caches_, out);
+    });
   }
 }
 

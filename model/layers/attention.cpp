@@ -64,46 +64,9 @@ void Rope::prepare(int64_t pos0, int64_t n_pos) {
   n_pos_ = n_pos;
 }
 
-void Rope::apply(View x) const {
-  MOE_CHECK(x.cols == dh_ && x.rows <= n_pos_, "rope.apply: [", x.rows, ", ", x.cols,
-            "] with tables for ", n_pos_, " positions of width ", dh_);
-  const int64_t half = dh_ / 2;
-  for (int64_t t = 0; t < x.rows; ++t) {
-    float* a = x.row(t);
-    float* b = a + half;
-    const float* c = cos_.data() + t * half;
-    const float* s = sin_.data() + t * half;
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float ai = a[i], bi = b[i];
-      a[i] = ai * c[i] - bi * s[i];
-      b[i] = ai * s[i] + bi * c[i];
-    }
-  }
-}
-
-void Rope::apply_transpose(View x) const {
-  MOE_CHECK(x.cols == dh_ && x.rows <= n_pos_, "rope.apply_transpose: [", x.rows, ", ", x.cols,
-            "] with tables for ", n_pos_, " positions of width ", dh_);
-  const int64_t half = dh_ / 2;
-  for (int64_t t = 0; t < x.rows; ++t) {
-    float* a = x.row(t);
-    float* b = a + half;
-    const float* c = cos_.data() + t * half;
-    const float* s = sin_.data() + t * half;
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float ai = a[i], bi = b[i];
-      a[i] = ai * c[i] + bi * s[i];
-      b[i] = -ai * s[i] + bi * c[i];
-    }
-  }
-}
-
-void Rope::apply_at(View x, int64_t first) const {
-  MOE_CHECK(pos0_ == 0 && x.cols == dh_ && first >= 0 && first + x.rows <= n_pos_,
-            "rope.apply_at: positions [", first, ", ", first + x.rows, ") of width ", x.cols,
-            " with tables for ", n_pos_, " positions from ", pos0_, " of width ", dh_);
+// Rotates rows of x by the angles of table rows [first, first + x.rows); sign -1 is the
+// transpose (inverse) rotation.
+void Rope::rotate(View x, int64_t first, float sign) const {
   const int64_t half = dh_ / 2;
   for (int64_t t = 0; t < x.rows; ++t) {
     float* a = x.row(t);
@@ -112,11 +75,30 @@ void Rope::apply_at(View x, int64_t first) const {
     const float* s = sin_.data() + (first + t) * half;
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
-      const float ai = a[i], bi = b[i];
-      a[i] = ai * c[i] - bi * s[i];
-      b[i] = ai * s[i] + bi * c[i];
+      const float ai = a[i], bi = b[i], si = sign * s[i];
+      a[i] = ai * c[i] - bi * si;
+      b[i] = ai * si + bi * c[i];
     }
   }
+}
+
+void Rope::apply(View x) const {
+  MOE_CHECK(x.cols == dh_ && x.rows <= n_pos_, "rope.apply: [", x.rows, ", ", x.cols,
+            "] with tables for ", n_pos_, " positions of width ", dh_);
+  rotate(x, 0, 1.0f);
+}
+
+void Rope::apply_transpose(View x) const {
+  MOE_CHECK(x.cols == dh_ && x.rows <= n_pos_, "rope.apply_transpose: [", x.rows, ", ", x.cols,
+            "] with tables for ", n_pos_, " positions of width ", dh_);
+  rotate(x, 0, -1.0f);
+}
+
+void Rope::apply_at(View x, int64_t first) const {
+  MOE_CHECK(pos0_ == 0 && x.cols == dh_ && first >= 0 && first + x.rows <= n_pos_,
+            "rope.apply_at: positions [", first, ", ", first + x.rows, ") of width ", x.cols,
+            " with tables for ", n_pos_, " positions from ", pos0_, " of width ", dh_);
+  rotate(x, first, 1.0f);
 }
 
 KvCache::KvCache(int64_t capacity, int64_t d_model)

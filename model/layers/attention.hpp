@@ -61,6 +61,7 @@ class Rope {
   int64_t n_pos() const { return pos0_ == 0 ? n_pos_ : 0; }
 
  private:
+  void rotate(View x, int64_t first, float sign) const;
   int64_t dh_;
   double base_;
   int64_t pos0_ = -1, n_pos_ = 0;

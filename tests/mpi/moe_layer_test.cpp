@@ -6,6 +6,7 @@
 // layer with both exchanges (comm.exchange alltoallv, and shared where it applies: one node,
 // no pipelining); the shared path must also be bitwise equal to the MPI path.
 #include "model/layers/moe_layer.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -23,16 +24,11 @@ using moe::model::ExchangeMode;
 using moe::model::MoeConfig;
 using moe::model::MoeLayer;
 
+using moe::test::randomize;
+
 namespace {
 
 constexpr double kTol = 1e-5;
-
-void randomize(View v, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-scale, scale);
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
-}
 
 struct Case {
   std::string name;

@@ -7,6 +7,7 @@
 
 #include "comm/communicator.hpp"
 #include "model/routers/topk.hpp"
+#include "tests/test_util.hpp"
 
 using moe::Tensor;
 using moe::View;
@@ -15,14 +16,9 @@ using moe::model::RouteResult;
 using moe::model::TopKOptions;
 using moe::model::TopKRouter;
 
-namespace {
+using moe::test::randomize;
 
-void randomize(View v, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
-}
+namespace {
 
 struct Routed {
   double lb = 0;

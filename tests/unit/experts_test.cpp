@@ -2,6 +2,7 @@
 // SwiGLU) against central finite differences of that reference, empty experts, gradient
 // accumulation, and thread-count independence of the blocked OpenMP schedule.
 #include "model/experts.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 #include <omp.h>
@@ -17,14 +18,9 @@ using moe::model::Activation;
 using moe::model::ExpertBank;
 using moe::model::ExpertCache;
 
-namespace {
+using moe::test::randomize;
 
-void randomize(View v, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-scale, scale);
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
-}
+namespace {
 
 // L = sum(C * y) in double, with y from x, W1 [E_l][d*f1], W2 [E_l][f*d].
 struct Reference {

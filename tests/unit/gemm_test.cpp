@@ -1,6 +1,7 @@
 // BLIS GEMM against the naive double-accumulating reference: every transpose combination,
 // strided views, beta handling, and 1-thread calls inside an OpenMP loop.
 #include "runtime/gemm.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 #include <omp.h>
@@ -12,15 +13,7 @@ using moe::Tensor;
 using moe::Trans;
 using moe::View;
 
-namespace {
-
-void randomize(Tensor& t, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (int64_t i = 0; i < t.numel(); ++i) t[i] = u(rng);
-}
-
-}  // namespace
+using moe::test::randomize;
 
 class GemmTransposes : public testing::TestWithParam<std::tuple<bool, bool>> {};
 
@@ -30,9 +23,9 @@ TEST_P(GemmTransposes, MatchesReference) {
   Tensor a(tra ? std::initializer_list<int64_t>{k, m} : std::initializer_list<int64_t>{m, k});
   Tensor b(trb ? std::initializer_list<int64_t>{n, k} : std::initializer_list<int64_t>{k, n});
   Tensor c({m, n}), ref({m, n});
-  randomize(a, 1);
-  randomize(b, 2);
-  randomize(c, 3);
+  randomize(a.view(), 1);
+  randomize(b.view(), 2);
+  randomize(c.view(), 3);
   moe::copy(c.view(), ref.view());
   Trans ta = tra ? Trans::kYes : Trans::kNo, tb = trb ? Trans::kYes : Trans::kNo;
   moe::gemm(ta, tb, 0.5f, a.view(), b.view(), 2.0f, c.view());
@@ -46,8 +39,8 @@ INSTANTIATE_TEST_SUITE_P(All, GemmTransposes, testing::Combine(testing::Bool(), 
 TEST(Gemm, StridedViewsAndBetaZeroClearsNaN) {
   // Operate on interior windows of larger buffers; the margins must stay untouched.
   Tensor a({40, 50}), b({60, 70}), c({30, 90}), ref({30, 90});
-  randomize(a, 4);
-  randomize(b, 5);
+  randomize(a.view(), 4);
+  randomize(b.view(), 5);
   c.fill(std::nanf(""));
   ref.fill(std::nanf(""));
   ConstView av = a.view().row_range(3, 20).col_range(5, 33);  // [20, 33], ld 50
@@ -84,8 +77,8 @@ TEST(Gemm, PerExpertCallsInsideOpenMPLoopMatchSerial) {
   const int n_experts = 6;
   Tensor x({n_experts, 17, 32}), w({n_experts, 32, 24}), y({n_experts, 17, 24}),
       ref({n_experts, 17, 24});
-  randomize(x, 6);
-  randomize(w, 7);
+  randomize(x.view(), 6);
+  randomize(w.view(), 7);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(2)
   for (int e = 0; e < n_experts; ++e)
     moe::gemm(Trans::kNo, Trans::kNo, 1.0f, x.slab(e), w.slab(e), 0.0f, y.slab(e));

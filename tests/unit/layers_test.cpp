@@ -25,6 +25,7 @@
 #include "model/layers/lm_head.hpp"
 #include "model/layers/rms_norm.hpp"
 #include "runtime/error.hpp"
+#include "tests/test_util.hpp"
 
 using moe::ConstView;
 using moe::Error;
@@ -32,17 +33,12 @@ using moe::Tensor;
 using moe::View;
 using namespace moe::model;
 
+using moe::test::randomize;
+
 namespace {
 
 constexpr double kStep = 1e-2;
 constexpr double kTol = 1e-3;
-
-void randomize(View v, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-scale, scale);
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
-}
 
 double dot(ConstView a, ConstView b) {
   double s = 0.0;

@@ -2,6 +2,7 @@
 // loss and z-loss) against central finite differences of that reference, top-k ties and
 // renormalisation on/off. Single process: a null communicator makes this rank the whole batch.
 #include "model/routers/topk.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -17,14 +18,9 @@ using moe::model::RouteResult;
 using moe::model::TopKOptions;
 using moe::model::TopKRouter;
 
-namespace {
+using moe::test::randomize;
 
-void randomize(View v, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-scale, scale);
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
-}
+namespace {
 
 // The router's loss in double for a FIXED selection (ids) and fixed counts (f has no gradient):
 //   L = sum_tj c_tj w_tj + s (a LB + b Z)
