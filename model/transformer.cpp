@@ -131,7 +131,9 @@ void Transformer::collect_params() {
     for (auto& p : ps) dense_.push_back(std::move(p));
   };
   take(head_->params());  // empty when tied
+  head_params_end_ = dense_.size();
   take(final_norm_->params());
+  final_norm_params_end_ = dense_.size();
   for (int l = config_.n_layers - 1; l >= 0; --l) {
     Block& b = *blocks_[static_cast<size_t>(l)];
     if (b.moe) {
@@ -224,9 +226,9 @@ void Transformer::backward(float aux_scale, const std::function<void(size_t)>& o
   };
   View g = rows(dx_, n, d), tmp = rows(dtmp_, n, d);
   head_->backward(tmp);  // dL/dh_final
-  ready_until(head_->params().size());
+  ready_until(head_params_end_);
   final_norm_->backward(tmp, g);  // g = dL/dx_L
-  ready_until(head_->params().size() + final_norm_->params().size());
+  ready_until(final_norm_params_end_);
   for (int l = config_.n_layers - 1; l >= 0; --l) {
     Block& b = *blocks_[static_cast<size_t>(l)];
     if (b.moe)

@@ -151,6 +151,8 @@ class Transformer {
   std::unique_ptr<RmsNorm> final_norm_;
   std::unique_ptr<LmHead> head_;
   std::vector<ParamRef> dense_, experts_;
+  // Ends in dense_ of the head's and the final norm's parameters (backward finishes them first).
+  size_t head_params_end_ = 0, final_norm_params_end_ = 0;
 
   // Activations of the last forward: x_[l] is block l's input [N, d]; x_[L] the final stream.
   std::vector<Tensor> x_;
