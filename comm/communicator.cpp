@@ -121,4 +121,65 @@ void Communicator::agree(const std::string& error, ErrorKind kind, const char* w
   throw Error(kind, cat("rank ", first, ": ", msg));
 }
 
+std::string check_ranks_per_node(int ranks_per_node, int n_ranks) {
+  if (ranks_per_node < 0)
+    return cat("comm.ranks_per_node = ", ranks_per_node,
+               " is negative; use 0 to detect nodes or N > 0 for blocks of N ranks");
+  if (ranks_per_node > 0 && n_ranks % ranks_per_node != 0)
+    return cat("comm.ranks_per_node = ", ranks_per_node, " does not divide the ", n_ranks,
+               " ranks into whole nodes; use 0 (detect) or a divisor of ", n_ranks);
+  return "";
+}
+
+std::string NodeLayout::describe() const {
+  if (uniform())
+    return cat(n_nodes, n_nodes == 1 ? " node x " : " nodes x ", ranks_per_node,
+               ranks_per_node == 1 ? " rank" : " ranks", forced ? " (comm.ranks_per_node)" : "");
+  std::vector<int> count(static_cast<size_t>(n_nodes), 0);
+  for (int v : node) ++count[v];
+  std::string s = cat(n_nodes, " nodes, uneven:");
+  for (int c : count) s += cat(" ", c);
+  return s + " ranks";
+}
+
+NodeLayout node_layout(const Communicator& comm, int ranks_per_node) {
+  const std::string bad = check_ranks_per_node(ranks_per_node, comm.size());
+  if (!bad.empty()) throw Error(ErrorKind::kConfig, bad);
+  const int P = comm.size();
+  NodeLayout out;
+  out.node.assign(static_cast<size_t>(P), 0);
+  out.local.assign(static_cast<size_t>(P), 0);
+  if (ranks_per_node > 0) {
+    out.forced = true;
+    out.n_nodes = P / ranks_per_node;
+    out.ranks_per_node = ranks_per_node;
+    for (int q = 0; q < P; ++q) {
+      out.node[q] = q / ranks_per_node;
+      out.local[q] = q % ranks_per_node;
+    }
+    return out;
+  }
+  // Each rank learns the lowest rank on its node (node rank 0: split_node orders by rank), then
+  // every rank learns every rank's, which numbers the nodes identically everywhere.
+  Communicator node = comm.split_node();
+  int leader = comm.rank();
+  node.broadcast(&leader, 1, 0, "node layout");
+  const std::vector<int> leaders = comm.allgather(leader, "node layout");
+  std::vector<int> distinct = leaders;
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  out.n_nodes = static_cast<int>(distinct.size());
+  std::vector<int> count(distinct.size(), 0);
+  for (int q = 0; q < P; ++q) {
+    const int v = static_cast<int>(std::lower_bound(distinct.begin(), distinct.end(), leaders[q]) -
+                                   distinct.begin());
+    out.node[q] = v;
+    out.local[q] = count[v]++;
+  }
+  out.ranks_per_node = count[0];
+  for (int c : count)
+    if (c != count[0]) out.ranks_per_node = 0;
+  return out;
+}
+
 }  // namespace moe::comm

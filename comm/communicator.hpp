@@ -145,4 +145,26 @@ class Communicator {
 // Largest element count passed to one MPI call: counts are `int`.
 constexpr int64_t kMaxMpiCount = 2147483647;
 
+// Which ranks of a communicator share a node. N = nodes, L = ranks per node.
+// Nodes come from MPI_COMM_TYPE_SHARED (numbered by their lowest rank; a rank's local index is
+// its order by rank within the node), or, with the override ranks_per_node = L > 0
+// (`comm.ranks_per_node`), from consecutive blocks of L ranks: rank r is on node r / L with local
+// index r % L, which forces a multi-node layout on one machine.
+struct NodeLayout {
+  int n_nodes = 1;
+  int ranks_per_node = 1;  // L when every node holds the same number of ranks, else 0
+  bool forced = false;     // from the ranks_per_node override, not from MPI
+  std::vector<int> node;   // [P] node of each rank
+  std::vector<int> local;  // [P] index of each rank within its node
+  bool uniform() const { return ranks_per_node > 0; }
+  // "2 nodes x 2 ranks (comm.ranks_per_node)" or "3 nodes, uneven: 2 1 1 ranks"
+  std::string describe() const;
+};
+
+// Collective over comm (it splits off the node communicator unless ranks_per_node > 0).
+// ranks_per_node < 0, or > 0 without dividing comm.size(), is an Error(kConfig) on every rank.
+NodeLayout node_layout(const Communicator& comm, int ranks_per_node);
+// The same check without communication, for configuration validation: "" or the message.
+std::string check_ranks_per_node(int ranks_per_node, int n_ranks);
+
 }  // namespace moe::comm

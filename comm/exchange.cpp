@@ -54,6 +54,33 @@ void for_each_send_row(const std::vector<SendBlock>& blocks, int64_t n, int64_t 
   }
 }
 
+// in [n] (rows) -> out [n] as MPI int counts; a value above the MPI count limit is an
+// Error(kComm) naming the exchange, the movement and the peer, never truncated.
+void mpi_counts(const std::vector<int64_t>& in, std::vector<int>& out, const std::string& name,
+                const std::string& what, const char* peer) {
+  out.resize(in.size());
+  for (size_t q = 0; q < in.size(); ++q) {
+    if (in[q] > kMaxMpiCount)
+      throw Error(ErrorKind::kComm, cat(name, " exchange (", what, "): ", in[q], " rows for ", peer,
+                                        " ", q, " exceed the MPI count limit ", kMaxMpiCount,
+                                        "; use more ranks or fewer tokens per step"));
+    out[q] = static_cast<int>(in[q]);
+  }
+}
+
+// counts [n] -> exclusive prefix sums [n].
+std::vector<int64_t> displs_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> out(counts.size(), 0);
+  for (size_t i = 1; i < counts.size(); ++i) out[i] = out[i - 1] + counts[i - 1];
+  return out;
+}
+
+void add_traffic(ExchangeStats& into, const ExchangeStats& s) {
+  into.messages_sent += s.messages_sent;
+  into.internode_bytes_sent += s.internode_bytes_sent;
+  into.internode_messages_sent += s.internode_messages_sent;
+}
+
 // Grows t to hold at least n floats. Tensor::resize zero-fills on every call, which would cost a
 // full pass over the buffer per exchange, so it is only called when the buffer must grow.
 void ensure(Tensor& t, int64_t n) {
@@ -147,18 +174,20 @@ struct Exchange::Shared {
   }
 };
 
-Exchange::Exchange(const Communicator& comm, std::string name)
-    : comm_(comm), name_(std::move(name)) {}
+Exchange::Exchange(const Communicator& comm, std::string name, ExchangeOptions options)
+    : comm_(comm), name_(std::move(name)), options_(options) {}
 
 Exchange::Exchange(Exchange&& o) noexcept
     : comm_(o.comm_),
       name_(std::move(o.name_)),
+      options_(o.options_),
       stats_(o.stats_),
       dispatch_(std::move(o.dispatch_)),
       combine_(std::move(o.combine_)),
       row_type_(std::exchange(o.row_type_, MPI_DATATYPE_NULL)),
       row_type_d_(std::exchange(o.row_type_d_, 0)),
-      shared_(std::move(o.shared_)) {
+      shared_(std::move(o.shared_)),
+      hier_(std::move(o.hier_)) {
   o.dispatch_.request = o.combine_.request = MPI_REQUEST_NULL;
 }
 
@@ -190,27 +219,32 @@ void Exchange::set_counts(Movement& m, const std::vector<int64_t>& send_counts,
                           const std::vector<int64_t>& recv_counts,
                           const std::vector<int64_t>& recv_displs, const char* what) {
   const int P = comm_.size(), me = comm_.rank();
-  auto conv = [&](const std::vector<int64_t>& in, std::vector<int>& out) {
-    out.resize(static_cast<size_t>(P));
-    for (int q = 0; q < P; ++q) {
-      if (in[q] > kMaxMpiCount)
-        throw Error(ErrorKind::kComm,
-                    cat(name_, " exchange (", what, "): ", in[q], " rows for rank ", q,
-                        " exceed the MPI count limit ", kMaxMpiCount,
-                        "; use more ranks or "
-                        "fewer tokens per step"));
-      out[q] = static_cast<int>(in[q]);
-    }
-  };
-  conv(send_counts, m.sc);
-  conv(send_displs, m.sd);
-  conv(recv_counts, m.rc);
-  conv(recv_displs, m.rd);
+  mpi_counts(send_counts, m.sc, name_, what, "rank");
+  mpi_counts(send_displs, m.sd, name_, what, "rank");
+  mpi_counts(recv_counts, m.rc, name_, what, "rank");
+  mpi_counts(recv_displs, m.rd, name_, what, "rank");
   m.sc[me] = 0;  // rows for this rank itself are copied, not sent
   m.rc[me] = 0;
   int64_t rows = 0;
   for (int q = 0; q < P; ++q) rows += m.sc[q];
   m.pending_bytes = rows * m.d * int64_t(sizeof(float));
+  m.pending = ExchangeStats{};
+  count_traffic(m.sc, nullptr, m.d, m.pending);
+}
+
+void Exchange::count_traffic(const std::vector<int>& counts, const int* peer_rank, int64_t d,
+                             ExchangeStats& into) const {
+  const int me = comm_.rank();
+  const NodeLayout* layout = hier_ ? &nodes() : nullptr;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    const int q = peer_rank ? peer_rank[i] : static_cast<int>(i);
+    if (q == me || counts[i] == 0) continue;
+    ++into.messages_sent;
+    if (layout && layout->node[q] != layout->node[me]) {
+      ++into.internode_messages_sent;
+      into.internode_bytes_sent += int64_t(counts[i]) * d * int64_t(sizeof(float));
+    }
+  }
 }
 
 // dispatch direction: src rows (per token, or per slot) -> packed by destination rank.
@@ -288,6 +322,7 @@ void Exchange::forward_finish(Movement& m, const DispatchPlan& plan, View out, b
     copy_rows(recv + b.raw * d, d, out.row(b.grouped), out.ld, b.rows, d);
   }
   stats_.bytes_sent += m.pending_bytes;
+  add_traffic(stats_, m.pending);
   int64_t rows_in = 0;
   for (int v : m.rc) rows_in += v;
   stats_.bytes_received += rows_in * d * int64_t(sizeof(float));
@@ -361,12 +396,15 @@ void Exchange::backward_finish(Movement& m, const DispatchPlan& plan, View out, 
       if (!kept[s]) std::memset(out.row(s), 0, static_cast<size_t>(d) * sizeof(float));
   }
   stats_.bytes_sent += m.pending_bytes;
+  add_traffic(stats_, m.pending);
   int64_t rows_in = 0;
   for (int v : m.rc) rows_in += v;
   stats_.bytes_received += rows_in * d * int64_t(sizeof(float));
 }
 
 void Exchange::dispatch(const DispatchPlan& plan, ConstView x, View out) {
+  if (options_.algorithm == ExchangeAlgorithm::kHierarchical)
+    return hier_forward(plan, x, /*by_slot=*/false, out);
   const double t0 = wall_s();
   forward_start(dispatch_, plan, x, /*by_slot=*/false, /*direct_self=*/true, out);
   forward_finish(dispatch_, plan, out, /*self_in_recv=*/false);
@@ -374,6 +412,8 @@ void Exchange::dispatch(const DispatchPlan& plan, ConstView x, View out) {
 }
 
 void Exchange::dispatch_slots(const DispatchPlan& plan, ConstView s, View out) {
+  if (options_.algorithm == ExchangeAlgorithm::kHierarchical)
+    return hier_forward(plan, s, /*by_slot=*/true, out);
   const double t0 = wall_s();
   forward_start(dispatch_, plan, s, /*by_slot=*/true, /*direct_self=*/true, out);
   forward_finish(dispatch_, plan, out, /*self_in_recv=*/false);
@@ -381,6 +421,7 @@ void Exchange::dispatch_slots(const DispatchPlan& plan, ConstView s, View out) {
 }
 
 void Exchange::combine(const DispatchPlan& plan, ConstView y, View out) {
+  if (options_.algorithm == ExchangeAlgorithm::kHierarchical) return hier_backward(plan, y, out);
   const double t0 = wall_s();
   backward_start(combine_, plan, y, /*direct_self=*/true, out);
   backward_finish(combine_, plan, out, /*self_in_recv=*/false);
@@ -434,7 +475,9 @@ bool Exchange::shared_available() const {
   if (!shared_) {
     auto sh = std::make_unique<Shared>();
     sh->node = comm_.split_node();
-    sh->available = sh->node.size() == comm_.size();
+    // A forced layout of several "nodes" on one machine must not take the shared path.
+    const int rpn = options_.ranks_per_node;
+    sh->available = sh->node.size() == comm_.size() && (rpn <= 0 || rpn >= comm_.size());
     if (sh->available) {
       const int P = comm_.size();
       std::vector<int> ranks(static_cast<size_t>(P));
@@ -459,7 +502,10 @@ Exchange::Shared& Exchange::shared(const char* what) {
     throw Error(
         ErrorKind::kInternal,
         cat(name_, " exchange ", what, ": the shared-memory path needs every rank on one node (",
-            comm_.size(), " ranks, ", shared_->node.size(), " on this node); use the MPI path"));
+            comm_.size(), " ranks, ", shared_->node.size(), " on this node",
+            options_.ranks_per_node > 0 ? cat(", comm.ranks_per_node ", options_.ranks_per_node)
+                                        : std::string(),
+            "); use the MPI path"));
   return *shared_;
 }
 
@@ -550,6 +596,291 @@ void Exchange::combine_shared(const DispatchPlan& plan, View out) {
   const int64_t row_bytes = d * int64_t(sizeof(float));
   stats_.bytes_sent += (plan.n_recv() - plan.recv_counts()[me]) * row_bytes;
   stats_.bytes_received += (plan.n_send() - plan.send_counts()[me]) * row_bytes;
+  stats_.seconds += wall_s() - t0;
+}
+
+}  // namespace moe::comm
+
+namespace moe::comm {
+
+// ---- Hierarchical (node-aware) path: a 2D all-to-all over N nodes x L ranks ----
+//
+// Layouts, in rows, at rank (n, l) of a call's plan:
+//   edge   [n_send]  dispatch phase-1 send / combine phase-1 receive: the rows for destination
+//                    (m, l') in blocks ordered by (l', m); dest_pos[q] is q's first row.
+//   relay1 [sum from] phase-1 receive: block (l, m) = rows local rank l sends to (m, this l),
+//                    ordered by (l, m) (relay_in).
+//   relay2 [same]    phase-2 send: the same blocks ordered by (m, l) (relay_out).
+//   far    [n_recv]  phase-2 receive: rows from source (m, l) ordered by (m, l); src_pos[q] is
+//                    source q's first row, its rows in the source's send order (as the flat
+//                    path's raw receive buffer), so plan.recv_blocks() regroup them.
+struct Exchange::Hier {
+  NodeLayout layout;
+  Communicator node;            // this rank's node, ordered by local index
+  Communicator cross;           // the ranks with this rank's local index, ordered by node
+  std::vector<int> node_peer;   // [L] communicator rank of local rank l on this node
+  std::vector<int> cross_peer;  // [N] communicator rank of this local index on node m
+  std::vector<int> rank_at;     // [N*L] communicator rank of (node m, local l) at m*L + l
+
+  // Per call (prepare): counts in rows.
+  std::vector<int64_t> own;   // [L*N] own[l'*N + m]: rows this rank sends to (m, l')
+  std::vector<int64_t> from;  // [L*N] from[l*N + m]: rows local l sends to (m, this l)
+  std::vector<int64_t> relay_in, relay_out;  // [L*N] block (l, m) offsets in relay1 / relay2
+  std::vector<int64_t> dest_pos, src_pos;    // [P]
+  // MPI counts / displacements: phase 1 (node) edge side and relay side, phase 2 (cross)
+  // relay side and far side.
+  std::vector<int> c1e, d1e, c1r, d1r, c2r, d2r, c2f, d2f;
+  int64_t rows1e = 0, rows1r = 0;  // phase-1 rows to / from other local ranks
+  int64_t rows2r = 0, rows2f = 0;  // phase-2 rows to / from other nodes (the relay side sends)
+  Tensor edge, relay1, relay2, far;
+
+  // Collective over the node (one MPI_Alltoall of N counts per peer): every layout above for
+  // plan.
+  void prepare(const DispatchPlan& plan, const std::string& name, const std::string& op) {
+    const int N = layout.n_nodes, L = layout.ranks_per_node, P = N * L;
+    const int me_l = node.rank(), me_n = cross.rank();
+    const std::vector<int64_t>& sc = plan.send_counts();
+    const std::vector<int64_t>& rc = plan.recv_counts();
+    own.assign(size_t(L) * N, 0);
+    from.assign(size_t(L) * N, 0);
+    for (int l = 0; l < L; ++l)
+      for (int m = 0; m < N; ++m) own[size_t(l) * N + m] = sc[rank_at[size_t(m) * L + l]];
+    MOE_MPI_CHECK(MPI_Alltoall(own.data(), N, MPI_INT64_T, from.data(), N, MPI_INT64_T, node.raw()),
+                  cat(op, ": counts within the node"));
+
+    std::vector<int64_t> e(size_t(L), 0), r1(size_t(L), 0), r2(size_t(N), 0), f(size_t(N), 0);
+    dest_pos.assign(size_t(P), 0);
+    src_pos.assign(size_t(P), 0);
+    relay_in.assign(size_t(L) * N, 0);
+    relay_out.assign(size_t(L) * N, 0);
+    int64_t at = 0;
+    for (int l = 0; l < L; ++l)
+      for (int m = 0; m < N; ++m) {
+        dest_pos[rank_at[size_t(m) * L + l]] = at;
+        at += own[size_t(l) * N + m];
+        e[l] += own[size_t(l) * N + m];
+      }
+    at = 0;
+    for (int l = 0; l < L; ++l)
+      for (int m = 0; m < N; ++m) {
+        relay_in[size_t(l) * N + m] = at;
+        at += from[size_t(l) * N + m];
+        r1[l] += from[size_t(l) * N + m];
+      }
+    at = 0;
+    for (int m = 0; m < N; ++m)
+      for (int l = 0; l < L; ++l) {
+        relay_out[size_t(l) * N + m] = at;
+        at += from[size_t(l) * N + m];
+        r2[m] += from[size_t(l) * N + m];
+      }
+    at = 0;
+    for (int m = 0; m < N; ++m)
+      for (int l = 0; l < L; ++l) {
+        const int q = rank_at[size_t(m) * L + l];
+        src_pos[q] = at;
+        at += rc[q];
+        f[m] += rc[q];
+      }
+    const std::string within = cat(op, " within the node"), across = cat(op, " across nodes");
+    mpi_counts(e, c1e, name, within, "local rank");
+    mpi_counts(displs_of(e), d1e, name, within, "local rank");
+    mpi_counts(r1, c1r, name, within, "local rank");
+    mpi_counts(displs_of(r1), d1r, name, within, "local rank");
+    mpi_counts(r2, c2r, name, across, "node");
+    mpi_counts(displs_of(r2), d2r, name, across, "node");
+    mpi_counts(f, c2f, name, across, "node");
+    mpi_counts(displs_of(f), d2f, name, across, "node");
+    rows1e = rows1r = rows2r = rows2f = 0;
+    for (int l = 0; l < L; ++l)
+      if (l != me_l) rows1e += e[l], rows1r += r1[l];
+    for (int m = 0; m < N; ++m)
+      if (m != me_n) rows2r += r2[m], rows2f += f[m];
+  }
+
+  // relay1 (l, m) blocks <-> relay2 (m, l) blocks.
+  void relay(bool to_cross, int64_t d) {
+    const int N = layout.n_nodes, L = layout.ranks_per_node;
+    const int64_t nb = int64_t(L) * N;
+    int64_t total = 0;
+    for (int64_t b = 0; b < nb; ++b) total += from[b];
+    float* a = relay1.data();
+    float* b = relay2.data();
+#pragma omp parallel for schedule(dynamic, 1) if (total * d > kParallelCopyFloats)
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* src = to_cross ? a + relay_in[j] * d : b + relay_out[j] * d;
+      float* dst = to_cross ? b + relay_out[j] * d : a + relay_in[j] * d;
+      copy_rows(src, d, dst, d, from[j], d);
+    }
+  }
+
+  void grow(const DispatchPlan& plan, int64_t d) {
+    int64_t relayed = 0;
+    for (int64_t v : from) relayed += v;
+    ensure(edge, plan.n_send() * d);
+    ensure(relay1, relayed * d);
+    ensure(relay2, relayed * d);
+    ensure(far, plan.n_recv() * d);
+  }
+};
+
+const NodeLayout& Exchange::nodes() const {
+  if (!hier_) {
+    auto h = std::make_unique<Hier>();
+    h->layout = node_layout(comm_, options_.ranks_per_node);
+    const NodeLayout& lay = h->layout;
+    const int me = comm_.rank();
+    h->node = comm_.split(lay.node[me], lay.local[me]);
+    h->cross = comm_.split(lay.local[me], lay.node[me]);
+    if (lay.uniform()) {
+      const int N = lay.n_nodes, L = lay.ranks_per_node;
+      h->rank_at.assign(size_t(N) * L, 0);
+      for (int q = 0; q < comm_.size(); ++q) h->rank_at[size_t(lay.node[q]) * L + lay.local[q]] = q;
+      h->node_peer.assign(size_t(L), 0);
+      h->cross_peer.assign(size_t(N), 0);
+      for (int l = 0; l < L; ++l) h->node_peer[l] = h->rank_at[size_t(lay.node[me]) * L + l];
+      for (int m = 0; m < N; ++m) h->cross_peer[m] = h->rank_at[size_t(m) * L + lay.local[me]];
+    }
+    hier_ = std::move(h);
+  }
+  return hier_->layout;
+}
+
+Exchange::Hier& Exchange::hier(const char* what) {
+  const NodeLayout& lay = nodes();
+  if (!lay.uniform())
+    throw Error(ErrorKind::kConfig,
+                cat(name_, " exchange ", what,
+                    ": the hierarchical exchange needs the same number of ranks on every node, "
+                    "but the ",
+                    comm_.size(), " ranks are on ", lay.describe(),
+                    "; set comm.exchange to alltoallv or set comm.ranks_per_node"));
+  return *hier_;
+}
+
+namespace {
+
+// The destination rank of send row i: the last rank whose rows start at or before i (ranks
+// that receive nothing share their displacement with the next one).
+inline int dest_of(const std::vector<int64_t>& send_displs, int64_t i) {
+  return static_cast<int>(std::upper_bound(send_displs.begin(), send_displs.end(), i) -
+                          send_displs.begin()) -
+         1;
+}
+
+}  // namespace
+
+void Exchange::hier_forward(const DispatchPlan& plan, ConstView src, bool by_slot, View out) {
+  const double t0 = wall_s();
+  const char* what = by_slot ? "dispatch_slots" : "dispatch";
+  Hier& h = hier(what);
+  const int k = plan.k();
+  const int64_t d = src.cols;
+  MOE_CHECK_SHAPE(src, by_slot ? plan.n_tokens() * k : plan.n_tokens(), d,
+                  cat(name_, " exchange ", what, " input"));
+  MOE_CHECK_SHAPE(out, plan.n_recv(), d, cat(name_, " exchange ", what, " out"));
+  MOE_CHECK(plan.send_counts().size() == size_t(comm_.size()), name_, " exchange ", what,
+            ": the plan is for ", plan.send_counts().size(), " ranks, the exchange has ",
+            comm_.size());
+  const MPI_Datatype type = row_type(d);
+  const std::string op = cat(name_, " exchange ", what, " (hierarchical)");
+  h.prepare(plan, name_, op);
+  h.grow(plan, d);
+
+  // Pack the edge layout: destination (m, l') rows in (l', m) block order.
+  const std::vector<int64_t>& slot = plan.send_slot();
+  const std::vector<int64_t>& sd = plan.send_displs();
+  const int64_t n_send = plan.n_send();
+  const int kk = by_slot ? 1 : k;  // src row of send row i: slot[i] / kk
+  float* edge = h.edge.data();
+#pragma omp parallel for schedule(static) if (n_send * d > kParallelCopyFloats)
+  for (int64_t i = 0; i < n_send; ++i) {
+    const int q = dest_of(sd, i);
+    copy_row(src.row(slot[i] / kk), edge + (h.dest_pos[q] + i - sd[q]) * d, d);
+  }
+  MOE_MPI_CHECK(MPI_Alltoallv(edge, h.c1e.data(), h.d1e.data(), type, h.relay1.data(), h.c1r.data(),
+                              h.d1r.data(), type, h.node.raw()),
+                cat(op, " within the node"));
+  h.relay(/*to_cross=*/true, d);
+  MOE_MPI_CHECK(MPI_Alltoallv(h.relay2.data(), h.c2r.data(), h.d2r.data(), type, h.far.data(),
+                              h.c2f.data(), h.d2f.data(), type, h.cross.raw()),
+                cat(op, " across nodes"));
+  // Regroup by local expert, as the flat path does from its raw receive buffer.
+  const std::vector<RowBlock>& blocks = plan.recv_blocks();
+  const std::vector<int64_t>& rd = plan.recv_displs();
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  const float* far = h.far.data();
+#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
+  for (int64_t j = 0; j < nb; ++j) {
+    const RowBlock& b = blocks[j];
+    copy_rows(far + (h.src_pos[b.source] + b.raw - rd[b.source]) * d, d, out.row(b.grouped), out.ld,
+              b.rows, d);
+  }
+
+  const int64_t row_bytes = d * int64_t(sizeof(float));
+  stats_.bytes_sent += (h.rows1e + h.rows2r) * row_bytes;
+  stats_.bytes_received += (h.rows1r + h.rows2f) * row_bytes;
+  count_traffic(h.c1e, h.node_peer.data(), d, stats_);
+  count_traffic(h.c2r, h.cross_peer.data(), d, stats_);
+  stats_.seconds += wall_s() - t0;
+}
+
+void Exchange::hier_backward(const DispatchPlan& plan, ConstView y, View out) {
+  const double t0 = wall_s();
+  Hier& h = hier("combine");
+  const int64_t d = y.cols;
+  const int64_t S = plan.n_tokens() * plan.k();
+  MOE_CHECK_SHAPE(y, plan.n_recv(), d, cat(name_, " exchange combine input"));
+  MOE_CHECK_SHAPE(out, S, d, cat(name_, " exchange combine out"));
+  MOE_CHECK(plan.send_counts().size() == size_t(comm_.size()), name_,
+            " exchange combine: the plan is for ", plan.send_counts().size(),
+            " ranks, the exchange has ", comm_.size());
+  const MPI_Datatype type = row_type(d);
+  const std::string op = cat(name_, " exchange combine (hierarchical)");
+  h.prepare(plan, name_, op);
+  h.grow(plan, d);
+
+  // Pack the far layout: rows back to source (m, l) in (m, l) block order.
+  const std::vector<RowBlock>& blocks = plan.recv_blocks();
+  const std::vector<int64_t>& rd = plan.recv_displs();
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  float* far = h.far.data();
+#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
+  for (int64_t j = 0; j < nb; ++j) {
+    const RowBlock& b = blocks[j];
+    copy_rows(y.row(b.grouped), y.ld, far + (h.src_pos[b.source] + b.raw - rd[b.source]) * d, d,
+              b.rows, d);
+  }
+  MOE_MPI_CHECK(MPI_Alltoallv(far, h.c2f.data(), h.d2f.data(), type, h.relay2.data(), h.c2r.data(),
+                              h.d2r.data(), type, h.cross.raw()),
+                cat(op, " across nodes"));
+  h.relay(/*to_cross=*/false, d);
+  MOE_MPI_CHECK(MPI_Alltoallv(h.relay1.data(), h.c1r.data(), h.d1r.data(), type, h.edge.data(),
+                              h.c1e.data(), h.d1e.data(), type, h.node.raw()),
+                cat(op, " within the node"));
+  // Unpack to slot rows; dropped and empty slots get zeros.
+  const std::vector<int64_t>& slot = plan.send_slot();
+  const std::vector<int64_t>& sd = plan.send_displs();
+  const std::vector<uint8_t>& kept = plan.kept();
+  const int64_t n_send = plan.n_send();
+  const float* edge = h.edge.data();
+#pragma omp parallel if (S * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n_send; ++i) {
+      const int q = dest_of(sd, i);
+      copy_row(edge + (h.dest_pos[q] + i - sd[q]) * d, out.row(slot[i]), d);
+    }
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < S; ++s)
+      if (!kept[s]) std::memset(out.row(s), 0, static_cast<size_t>(d) * sizeof(float));
+  }
+
+  const int64_t row_bytes = d * int64_t(sizeof(float));
+  stats_.bytes_sent += (h.rows2f + h.rows1r) * row_bytes;
+  stats_.bytes_received += (h.rows2r + h.rows1e) * row_bytes;
+  count_traffic(h.c2f, h.cross_peer.data(), d, stats_);
+  count_traffic(h.c1r, h.node_peer.data(), d, stats_);
   stats_.seconds += wall_s() - t0;
 }
 

@@ -35,6 +35,25 @@
 // before rows are written into another rank's window and after, so the data is visible: two
 // barriers per dispatch_shared, one per combine_shared, and one in combine_buffer only when no
 // barrier has passed since the previous combine_shared.
+//
+// Hierarchical (node-aware) path: algorithm kHierarchical makes dispatch, dispatch_slots and
+// combine move rows in two MPI_Alltoallv phases over a node layout of N nodes x L ranks (from
+// MPI_COMM_TYPE_SHARED, or forced with ranks_per_node), as a 2D all-to-all: rank (n, l) is
+// local rank l of node n.
+//   dispatch  phase 1, within node n:  (n, l) -> (n, l') the rows for every (m, l'), m = any node
+//             phase 2, across nodes:   (n, l') -> (m, l') the rows of every (n, l) for (m, l')
+//   combine   the same two phases reversed (phase 2 back, then phase 1 back).
+// Each row crosses a node boundary at most once and makes at most one hop inside a node. Per
+// rank, the messages that cross nodes drop from (N-1)*L (flat) to N-1; the bytes that cross
+// nodes are the same as flat. The intermediate rank repacks the rows it relays, (l, m) blocks
+// to (m, l) blocks: one extra copy. (A node-leader gather moves even fewer messages across
+// nodes, N-1 per node, but every relayed row then makes two hops inside the node and one rank
+// carries the node's traffic, so the 2D form is used.) Besides the plan's counts the
+// intermediate needs its node peers' counts per (node, local rank): one MPI_Alltoall of N
+// integers per peer inside the node, per call. Results are bitwise those of the flat path
+// (rows are only copied). Every phase's count (rows to one peer) and displacement must fit in
+// an int, as for the flat path: otherwise Error(kComm) naming the phase. The non-blocking
+// *_start / *_wait forms always use the flat path.
 #pragma once
 
 #include <memory>
@@ -47,17 +66,34 @@
 
 namespace moe::comm {
 
-enum class ExchangeAlgorithm { kFlat /* one MPI_Alltoallv */, kChunked /* Ialltoallv pieces */ };
+enum class ExchangeAlgorithm {
+  kFlat,         // one MPI_Alltoallv over the communicator
+  kHierarchical  // within the node, across nodes (see the top of this file)
+};
+
+struct ExchangeOptions {
+  ExchangeAlgorithm algorithm = ExchangeAlgorithm::kFlat;
+  // comm.ranks_per_node: 0 = nodes from MPI_COMM_TYPE_SHARED; N > 0 = consecutive blocks of N
+  // ranks are one node (the node-local shared path is then off when that makes several nodes).
+  int ranks_per_node = 0;
+};
 
 struct ExchangeStats {
   int64_t bytes_sent = 0;      // payload bytes this rank sent (excluding to itself), cumulative
   int64_t bytes_received = 0;  // cumulative
   double seconds = 0.0;        // wall time inside exchange calls, cumulative
+  // Non-empty point-to-point payloads this rank sent to other ranks (all phases), cumulative.
+  int64_t messages_sent = 0;
+  // The part of bytes_sent / messages_sent that went to another node. Counted once the exchange
+  // knows its node layout (after nodes() or a hierarchical call); 0 before.
+  int64_t internode_bytes_sent = 0;
+  int64_t internode_messages_sent = 0;
 };
 
 class Exchange {
  public:
-  explicit Exchange(const Communicator& comm, std::string name = "moe");
+  explicit Exchange(const Communicator& comm, std::string name = "moe",
+                    ExchangeOptions options = {});
   ~Exchange();
   Exchange(const Exchange&) = delete;
   Exchange& operator=(const Exchange&) = delete;
@@ -84,8 +120,20 @@ class Exchange {
   void combine_start(const DispatchPlan& plan, ConstView y);
   void combine_wait(const DispatchPlan& plan, View out);
 
+  // ---- Algorithm and node layout ----
+  // Selects how dispatch, dispatch_slots and combine move rows; must be the same on every rank
+  // and not change while a movement is in flight. kHierarchical on nodes holding different
+  // numbers of ranks throws Error(kConfig) on every rank at the next call.
+  void set_algorithm(ExchangeAlgorithm algorithm) { options_.algorithm = algorithm; }
+  ExchangeAlgorithm algorithm() const { return options_.algorithm; }
+  // The node layout (options.ranks_per_node, else MPI). Collective on its first call (splits
+  // the node and cross-node communicators); cached afterwards. Error(kConfig) on every rank
+  // when ranks_per_node does not divide the communicator size.
+  const NodeLayout& nodes() const;
+
   // ---- Node-local shared-memory path (see the top of this file) ----
-  // True when every rank of the communicator is on one node. Collective on its first call
+  // True when every rank of the communicator is on one node (and ranks_per_node does not split
+  // them into several). Collective on its first call
   // (it splits off the node communicator); a cached flag afterwards. When false, every *_shared
   // call throws Error(kInternal) on every rank and callers use the MPI path.
   bool shared_available() const;
@@ -123,6 +171,7 @@ class Exchange {
     const DispatchPlan* plan = nullptr;  // set while in flight
     int64_t d = 0;
     int64_t pending_bytes = 0;
+    ExchangeStats pending;  // message / internode counts of the movement in flight
   };
   void forward_start(Movement& m, const DispatchPlan& plan, ConstView src, bool by_slot,
                      bool direct_self, View out);
@@ -138,9 +187,19 @@ class Exchange {
   struct Shared;  // node communicator and shared windows (exchange.cpp)
   Shared& shared(const char* what);
   ConstView shared_forward(const DispatchPlan& plan, ConstView src, bool by_slot);
+  struct Hier;  // node layout, node / cross-node communicators, phase buffers (exchange.cpp)
+  Hier& hier(const char* what);
+  void hier_forward(const DispatchPlan& plan, ConstView src, bool by_slot, View out);
+  void hier_backward(const DispatchPlan& plan, ConstView y, View out);
+  // Adds the messages (non-empty counts to other ranks) and internode figures of one MPI call to
+  // `into`; counts [peers] in rows of d floats, peer_rank[i] = communicator rank of peer i
+  // (nullptr: the identity).
+  void count_traffic(const std::vector<int>& counts, const int* peer_rank, int64_t d,
+                     ExchangeStats& into) const;
 
   const Communicator& comm_;
   std::string name_;
+  ExchangeOptions options_;
   ExchangeStats stats_;
   Movement dispatch_, combine_;
   MPI_Datatype row_type_ = MPI_DATATYPE_NULL;  // d contiguous floats: counts are rows
@@ -148,6 +207,8 @@ class Exchange {
   // Created by the first shared_available() or *_shared call. Destroying an Exchange whose
   // windows exist is collective over the node (MPI_Win_free), as its construction was.
   mutable std::unique_ptr<Shared> shared_;
+  // Created by the first nodes() or hierarchical call (collective, as for shared_).
+  mutable std::unique_ptr<Hier> hier_;
 };
 
 }  // namespace moe::comm

@@ -294,9 +294,21 @@ const std::vector<ConfigKey> kSchema = {
      "auto",
      0,
      0,
-     {"auto", "alltoallv", "shared"},
+     {"auto", "alltoallv", "shared", "hierarchical"},
      "MoE token exchange: shared = one copy per row through node shared-memory windows (every "
-     "rank on one node, model.moe.pipeline_chunks 1); alltoallv = MPI; auto = shared if possible"},
+     "rank on one node, model.moe.pipeline_chunks 1); alltoallv = one MPI_Alltoallv; "
+     "hierarchical = within each node, then across nodes (same ranks per node, "
+     "model.moe.pipeline_chunks 1); auto = shared if possible, else hierarchical on several "
+     "nodes of several ranks, else alltoallv"},
+    {"comm.ranks_per_node",
+     T::kInt,
+     "0",
+     0,
+     1 << 20,
+     {},
+     "ranks per node for the MoE exchange: 0 = detect (MPI shared-memory domains); N > 0 = "
+     "consecutive blocks of N ranks form a node (must divide the rank count), e.g. to run "
+     "several nodes' layout on one machine"},
 };
 
 std::string trim(const std::string& s) {

@@ -23,8 +23,9 @@ ExchangeMode parse_exchange_mode(const std::string& name) {
   if (name == "auto") return ExchangeMode::kAuto;
   if (name == "alltoallv") return ExchangeMode::kAlltoallv;
   if (name == "shared") return ExchangeMode::kShared;
-  throw Error(ErrorKind::kConfig,
-              cat("comm.exchange = '", name, "' is not one of auto | alltoallv | shared"));
+  if (name == "hierarchical") return ExchangeMode::kHierarchical;
+  throw Error(ErrorKind::kConfig, cat("comm.exchange = '", name,
+                                      "' is not one of auto | alltoallv | shared | hierarchical"));
 }
 
 const char* exchange_mode_name(ExchangeMode m) {
@@ -35,6 +36,8 @@ const char* exchange_mode_name(ExchangeMode m) {
       return "alltoallv";
     case ExchangeMode::kShared:
       return "shared";
+    case ExchangeMode::kHierarchical:
+      return "hierarchical";
   }
   return "?";
 }
@@ -52,6 +55,7 @@ MoeConfig MoeConfig::from(const Config& config) {
   c.capacity_factor = config.get_float("model.moe.capacity_factor");
   c.pipeline_chunks = static_cast<int>(config.get_int("model.moe.pipeline_chunks"));
   c.exchange = parse_exchange_mode(config.get_string("comm.exchange"));
+  c.ranks_per_node = static_cast<int>(config.get_int("comm.ranks_per_node"));
   if (c.top_k > c.n_experts)
     throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", c.top_k,
                                         " exceeds model.moe.num_experts = ", c.n_experts));
@@ -68,8 +72,10 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
       comm_(comm),
       router_(d_model, router_options(config), &comm, seed),
       experts_(d_model, config.d_ff, config.activation, placement.local_experts(comm.rank()), seed),
-      ex_dispatch_(comm, name_ + ".dispatch"),
-      ex_combine_(comm, name_ + ".combine") {
+      ex_dispatch_(comm, name_ + ".dispatch",
+                   {comm::ExchangeAlgorithm::kFlat, config.ranks_per_node}),
+      ex_combine_(comm, name_ + ".combine",
+                  {comm::ExchangeAlgorithm::kFlat, config.ranks_per_node}) {
   if (placement.n_experts() != config.n_experts || placement.n_ranks() != comm.size())
     throw Error(
         ErrorKind::kConfig,
@@ -77,21 +83,41 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
             " ranks; the layer has ", config.n_experts, " experts over ", comm.size(), " ranks"));
   if (config.pipeline_chunks < 1)
     throw Error(ErrorKind::kConfig, cat(name_, ": pipeline_chunks ", config.pipeline_chunks));
-  // The shared path has no non-blocking form, so a pipelined layer uses MPI.
-  if (config.exchange == ExchangeMode::kShared && config.pipeline_chunks > 1)
-    throw Error(
-        ErrorKind::kConfig,
-        cat("comm.exchange = shared has no pipelined form, but model.moe.pipeline_chunks = ",
-            config.pipeline_chunks, "; set comm.exchange to auto or alltoallv"));
-  if (config.exchange != ExchangeMode::kAlltoallv && config.pipeline_chunks == 1) {
-    // Collective on first use (each splits off the node communicator): call both on every rank.
+  const std::string rpn = comm::check_ranks_per_node(config.ranks_per_node, comm.size());
+  if (!rpn.empty()) throw Error(ErrorKind::kConfig, rpn);
+  // The shared and hierarchical paths have no non-blocking form: a pipelined layer uses MPI.
+  const ExchangeMode want = config.exchange;
+  if ((want == ExchangeMode::kShared || want == ExchangeMode::kHierarchical) &&
+      config.pipeline_chunks > 1)
+    throw Error(ErrorKind::kConfig,
+                cat("comm.exchange = ", exchange_mode_name(want),
+                    " has no pipelined form, but model.moe.pipeline_chunks = ",
+                    config.pipeline_chunks, "; set comm.exchange to auto or alltoallv"));
+  if (want != ExchangeMode::kAlltoallv && config.pipeline_chunks == 1) {
+    // Collective on first use (each splits off node communicators): call all on every rank.
     const bool a = ex_dispatch_.shared_available();
     const bool b = ex_combine_.shared_available();
-    shared_ = a && b;
-    if (config.exchange == ExchangeMode::kShared && !shared_)
+    const comm::NodeLayout& nodes = ex_dispatch_.nodes();
+    shared_ = a && b && want != ExchangeMode::kHierarchical;
+    if (want == ExchangeMode::kShared && !shared_)
+      throw Error(
+          ErrorKind::kConfig,
+          cat("comm.exchange = shared needs every rank on one node, but the ", comm.size(),
+              " ranks are on ", nodes.describe(), "; set comm.exchange to auto or alltoallv"));
+    if (want == ExchangeMode::kHierarchical && !nodes.uniform())
       throw Error(ErrorKind::kConfig,
-                  cat("comm.exchange = shared needs every rank on one node, but the ", comm.size(),
-                      " ranks span several; set comm.exchange to auto or alltoallv"));
+                  cat("comm.exchange = hierarchical needs the same number of ranks on every node, "
+                      "but the ",
+                      comm.size(), " ranks are on ", nodes.describe(),
+                      "; set comm.exchange to auto or alltoallv, or set comm.ranks_per_node"));
+    const bool hier =
+        want == ExchangeMode::kHierarchical ||
+        (!shared_ && nodes.uniform() && nodes.n_nodes > 1 && nodes.ranks_per_node > 1);
+    mode_ = shared_ ? ExchangeMode::kShared : hier ? ExchangeMode::kHierarchical : mode_;
+  }
+  if (mode_ == ExchangeMode::kHierarchical) {
+    ex_dispatch_.set_algorithm(comm::ExchangeAlgorithm::kHierarchical);
+    ex_combine_.set_algorithm(comm::ExchangeAlgorithm::kHierarchical);
   }
 }
 

@@ -28,6 +28,9 @@
 // Backward uses the other Exchange because the experts' backward still reads the forward's
 // xin, which lives in ex_dispatch's input window until its next dispatch_shared (the next
 // forward). The results are bitwise those of the MPI path.
+// The hierarchical path (comm.exchange hierarchical) is the MPI path above with the exchanges
+// set to comm::ExchangeAlgorithm::kHierarchical: within the node, then across nodes; also
+// bitwise equal.
 //
 // Modes: dropless (capacity_factor 0, default) or capacity; pipeline_chunks > 1 splits the
 // local tokens into chunks and overlaps the exchange of chunk i+1 with the experts of chunk i
@@ -52,10 +55,13 @@
 
 namespace moe::model {
 
-// How the layer moves rows (`comm.exchange`): kAuto = kShared when every rank is on one node and
-// pipeline_chunks is 1, else kAlltoallv.
-enum class ExchangeMode { kAuto, kAlltoallv, kShared };
-ExchangeMode parse_exchange_mode(const std::string& name);  // "auto" | "alltoallv" | "shared"
+// How the layer moves rows (`comm.exchange`). With pipeline_chunks 1, kAuto = kShared when every
+// rank is on one node, else kHierarchical when there are several nodes of several ranks each
+// (the same number on every node), else kAlltoallv; pipelined layers use kAlltoallv. Nodes come
+// from MPI or from `comm.ranks_per_node` (comm::NodeLayout).
+enum class ExchangeMode { kAuto, kAlltoallv, kShared, kHierarchical };
+// "auto" | "alltoallv" | "shared" | "hierarchical"
+ExchangeMode parse_exchange_mode(const std::string& name);
 const char* exchange_mode_name(ExchangeMode m);
 
 // The `model.moe.*` configuration block and `comm.exchange` (runtime/config.cpp documents every
@@ -72,6 +78,7 @@ struct MoeConfig {
   double capacity_factor = 0.0;  // 0 = dropless
   int pipeline_chunks = 1;       // 1 = off
   ExchangeMode exchange = ExchangeMode::kAuto;
+  int ranks_per_node = 0;  // comm.ranks_per_node: 0 = detect, N > 0 = blocks of N ranks
 
   static MoeConfig from(const Config& config);
 };
@@ -93,8 +100,9 @@ class MoeLayer {
  public:
   // The placement must have config.n_experts experts over comm.size() ranks. Weights come
   // from seed: router replicated, experts by global id. Collective (it resolves
-  // config.exchange: comm.exchange = shared on ranks that are not all on one node, or with
-  // pipeline_chunks > 1, is an Error(kConfig)).
+  // config.exchange: comm.exchange = shared on ranks that are not all on one node, shared or
+  // hierarchical with pipeline_chunks > 1, hierarchical on nodes of different sizes, or a
+  // ranks_per_node that does not divide the rank count is an Error(kConfig)).
   MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
            const comm::ExpertPlacement& placement, const comm::Communicator& comm, uint64_t seed);
 
@@ -112,10 +120,8 @@ class MoeLayer {
   TopKRouter& router() { return router_; }
   ExpertBank& experts() { return experts_; }
   const MoeConfig& config() const { return config_; }
-  // The path config.exchange resolved to: kShared or kAlltoallv.
-  ExchangeMode exchange() const {
-    return shared_ ? ExchangeMode::kShared : ExchangeMode::kAlltoallv;
-  }
+  // The path config.exchange resolved to: kShared, kHierarchical or kAlltoallv.
+  ExchangeMode exchange() const { return mode_; }
   // Router parameters are replicated (all-reduce their gradients over data parallel ranks);
   // expert parameters live only here.
   std::vector<ParamRef> params();
@@ -142,8 +148,9 @@ class MoeLayer {
   const comm::Communicator& comm_;
   TopKRouter router_;
   ExpertBank experts_;
-  comm::Exchange ex_dispatch_, ex_combine_;  // two, so a dispatch and a combine can overlap
-  bool shared_ = false;                      // node-local shared-window path (see the top)
+  comm::Exchange ex_dispatch_, ex_combine_;       // two, so a dispatch and a combine can overlap
+  bool shared_ = false;                           // node-local shared-window path (see the top)
+  ExchangeMode mode_ = ExchangeMode::kAlltoallv;  // resolved comm.exchange
 
   // Cache of the last forward.
   ConstView x_;  // [T, d] borrowed input

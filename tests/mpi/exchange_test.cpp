@@ -1,7 +1,9 @@
 // DispatchPlan and Exchange under mpirun -np 1, 2 and 4: identity round trips, the adjoint
 // identity, non-blocking == blocking bitwise, capacity drops that do not depend on the rank
-// count, degenerate loads, global load statistics, and the node-local shared-memory path
-// (dispatch_shared / combine_shared) bitwise equal to the MPI path.
+// count, degenerate loads, global load statistics, the node-local shared-memory path
+// (dispatch_shared / combine_shared) bitwise equal to the MPI path, and the hierarchical
+// (node-aware) path bitwise equal to the flat one on every forced node layout the rank count
+// allows (np 4: 1x4, 2x2, 4x1; np 2: 1x2, 2x1; np 1: 1x1), with its traffic counts.
 //
 // Global routings are built from a seed on every rank; each rank takes a contiguous share of the
 // global tokens, so results can be compared with what a single rank would decide.
@@ -681,4 +683,179 @@ TEST(ExchangeShared, CombineWithoutBufferFailsOnEveryRank) {
   DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
   Tensor out = Tensor::zeros({std::max<int64_t>(plan.n_tokens() * 2, 1), 4});
   EXPECT_THROW(ex.combine_shared(plan, rows_view(out, plan.n_tokens() * 2, 4)), Error);
+}
+
+// ---- Hierarchical (node-aware) path: bitwise equal to the flat path ----
+
+namespace {
+
+// Runs dispatch, dispatch_slots and combine through a flat and a hierarchical exchange on the
+// same inputs; the results must be bitwise equal (the rows are only copied).
+void check_hierarchical_equals_flat(Exchange& flat, Exchange& hier, const DispatchPlan& plan,
+                                    int64_t d, uint64_t seed, const Communicator& comm) {
+  const int k = plan.k();
+  const int64_t T = plan.n_tokens(), R = plan.n_recv();
+  Tensor x = random_rows(seed + comm.rank(), std::max<int64_t>(T, 1), d);
+  Tensor s = random_rows(seed + 100 + comm.rank(), std::max<int64_t>(T * k, 1), d);
+  Tensor y = random_rows(seed + 200 + comm.rank(), std::max<int64_t>(R, 1), d);
+  auto fresh = [&](int64_t n, float v) {
+    Tensor t = Tensor::zeros({std::max<int64_t>(n, 1), d});
+    t.fill(v);
+    return t;
+  };
+  Tensor a1 = fresh(R, -7), a2 = fresh(R, 9), b1 = fresh(R, -7), b2 = fresh(R, 9);
+  Tensor c1 = fresh(T * k, -7), c2 = fresh(T * k, 9);
+  flat.dispatch(plan, ConstView(x.data(), T, d), rows_view(a1, R, d));
+  hier.dispatch(plan, ConstView(x.data(), T, d), rows_view(a2, R, d));
+  EXPECT_TRUE(rows_equal(ConstView(a2.data(), R, d), ConstView(a1.data(), R, d)))
+      << "dispatch, d " << d;
+  flat.dispatch_slots(plan, ConstView(s.data(), T * k, d), rows_view(b1, R, d));
+  hier.dispatch_slots(plan, ConstView(s.data(), T * k, d), rows_view(b2, R, d));
+  EXPECT_TRUE(rows_equal(ConstView(b2.data(), R, d), ConstView(b1.data(), R, d)))
+      << "dispatch_slots, d " << d;
+  flat.combine(plan, ConstView(y.data(), R, d), rows_view(c1, T * k, d));
+  hier.combine(plan, ConstView(y.data(), R, d), rows_view(c2, T * k, d));
+  EXPECT_TRUE(rows_equal(ConstView(c2.data(), T * k, d), ConstView(c1.data(), T * k, d)))
+      << "combine, d " << d;
+}
+
+// Every ranks_per_node that divides the world size: 1 node x P, ..., P nodes x 1.
+std::vector<int> divisors(int P) {
+  std::vector<int> out;
+  for (int n = 1; n <= P; ++n)
+    if (P % n == 0) out.push_back(n);
+  return out;
+}
+
+}  // namespace
+
+TEST(ExchangeHierarchical, ForcedLayouts) {
+  Communicator w = Communicator::world();
+  const int P = w.size();
+  for (int rpn : divisors(P)) {
+    Exchange ex(w, "hier", {ExchangeAlgorithm::kHierarchical, rpn});
+    const NodeLayout& lay = ex.nodes();
+    EXPECT_TRUE(lay.forced);
+    EXPECT_EQ(lay.n_nodes, P / rpn);
+    EXPECT_EQ(lay.ranks_per_node, rpn);
+    EXPECT_EQ(lay.node[w.rank()], w.rank() / rpn);
+    EXPECT_EQ(lay.local[w.rank()], w.rank() % rpn);
+    // Several forced nodes on one machine: the shared-window path is off.
+    EXPECT_EQ(ex.shared_available(), rpn == P) << lay.describe();
+  }
+  // Detected: the tests run every rank on one machine.
+  Exchange det(w, "det");
+  EXPECT_FALSE(det.nodes().forced);
+  EXPECT_EQ(det.nodes().n_nodes, 1);
+  EXPECT_EQ(det.nodes().ranks_per_node, P);
+}
+
+TEST(ExchangeHierarchical, EqualsFlatBitwise) {
+  Communicator w = Communicator::world();
+  const int P = w.size();
+  for (int rpn : divisors(P)) {
+    SCOPED_TRACE("ranks_per_node " + std::to_string(rpn));
+    Exchange flat(w, "flat"), hier(w, "hier", {ExchangeAlgorithm::kHierarchical, rpn});
+    // Dropless and capacity, top-1 and top-2, with empty slots and a hot expert.
+    for (int k : {1, 2})
+      for (double cf : {0.0, 0.75}) {
+        const int E = 8;
+        GlobalRouting g = random_routing(41 + k, 233, k, E, /*empty=*/0.1, /*hot=*/0.3);
+        ExpertPlacement p = ExpertPlacement::blocked(E, P);
+        auto range = share(g.n_tokens, w);
+        DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {cf}, w);
+        check_hierarchical_equals_flat(flat, hier, plan, 19, 2000 + k, w);
+      }
+    // Interleaved placement: a rank's experts are not a contiguous id range.
+    {
+      const int E = 6;
+      std::vector<int> owner(E);
+      for (int e = 0; e < E; ++e) owner[e] = (E - 1 - e) % P;
+      ExpertPlacement p = ExpertPlacement::from_owners(owner, P);
+      GlobalRouting g = random_routing(5, 57, 2, E, 0.05);
+      auto range = share(g.n_tokens, w);
+      DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+      check_hierarchical_equals_flat(flat, hier, plan, 3, 77, w);
+    }
+    // Degenerate loads: everything to expert 0, with and without a rank that has no tokens;
+    // every slot empty; no tokens anywhere.
+    const int E = 4, k = 2;
+    ExpertPlacement p = ExpertPlacement::blocked(E, P);
+    GlobalRouting hot{64, k, std::vector<int32_t>(128, 0), std::vector<float>(128, 0.5f)};
+    for (int starve : {-1, P - 1})
+      for (double cf : {0.0, 1.0}) {
+        auto range = share(hot.n_tokens, w, starve);
+        DispatchPlan plan = DispatchPlan::build(local_view(hot, range), p, {cf}, w);
+        check_hierarchical_equals_flat(flat, hier, plan, 8, 5, w);
+      }
+    GlobalRouting empty{10, k, std::vector<int32_t>(20, -1), std::vector<float>(20, 1.0f)};
+    auto range = share(empty.n_tokens, w);
+    DispatchPlan plan = DispatchPlan::build(local_view(empty, range), p, {}, w);
+    check_hierarchical_equals_flat(flat, hier, plan, 4, 6, w);
+    DispatchPlan none = DispatchPlan::build(RoutingView{0, k, nullptr, nullptr}, p, {}, w);
+    check_hierarchical_equals_flat(flat, hier, none, 4, 7, w);
+    // Buffers grow and shrink over calls of different sizes.
+    for (int64_t d : {1, 64, 5}) {
+      GlobalRouting g = random_routing(60 + d, 400, 2, 8, 0.05);
+      ExpertPlacement p8 = ExpertPlacement::blocked(8, P);
+      auto r = share(g.n_tokens, w);
+      DispatchPlan pl = DispatchPlan::build(local_view(g, r), p8, {}, w);
+      check_hierarchical_equals_flat(flat, hier, pl, d, 8, w);
+    }
+  }
+}
+
+TEST(ExchangeHierarchical, TrafficAcrossNodes) {
+  // Per dispatch, a rank's messages to other nodes: flat up to (N-1)*L, hierarchical up to N-1;
+  // the bytes crossing node boundaries, summed over ranks, are the same for both.
+  Communicator w = Communicator::world();
+  const int P = w.size();
+  for (int rpn : divisors(P)) {
+    SCOPED_TRACE("ranks_per_node " + std::to_string(rpn));
+    const int N = P / rpn, L = rpn;
+    Exchange flat(w, "flat", {ExchangeAlgorithm::kFlat, rpn});
+    Exchange hier(w, "hier", {ExchangeAlgorithm::kHierarchical, rpn});
+    flat.nodes();  // the flat exchange counts internode traffic once it knows the layout
+    GlobalRouting g = random_routing(77, 300, 2, 8);
+    ExpertPlacement p = ExpertPlacement::blocked(8, P);
+    auto range = share(g.n_tokens, w);
+    DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+    const int64_t T = plan.n_tokens(), R = plan.n_recv(), d = 8;
+    Tensor x = token_rows(range, d), a = Tensor::zeros({std::max<int64_t>(R, 1), d});
+    flat.dispatch(plan, ConstView(x.data(), T, d), rows_view(a, R, d));
+    hier.dispatch(plan, ConstView(x.data(), T, d), rows_view(a, R, d));
+    const ExchangeStats &f = flat.stats(), &h = hier.stats();
+    EXPECT_LE(f.internode_messages_sent, int64_t(N - 1) * L);
+    EXPECT_LE(h.internode_messages_sent, int64_t(N - 1));
+    EXPECT_LE(f.messages_sent, int64_t(P - 1));
+    EXPECT_LE(h.messages_sent, int64_t(N - 1) + (L - 1));
+    EXPECT_EQ(w.sum(f.internode_bytes_sent), w.sum(h.internode_bytes_sent));
+    if (N == 1) {
+      EXPECT_EQ(f.internode_bytes_sent, 0);
+      EXPECT_EQ(h.internode_bytes_sent, 0);
+    }
+    if (L == 1) {
+      EXPECT_EQ(h.internode_messages_sent, f.internode_messages_sent);
+      EXPECT_EQ(h.bytes_sent, f.bytes_sent);
+    }
+  }
+}
+
+TEST(ExchangeHierarchical, InvalidRanksPerNodeFailsOnEveryRank) {
+  Communicator w = Communicator::world();
+  for (int rpn : {w.size() + 1, -2}) {
+    Exchange ex(w, "hier", {ExchangeAlgorithm::kHierarchical, rpn});
+    try {
+      ex.nodes();
+      ADD_FAILURE() << "ranks_per_node " << rpn << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kConfig);
+      EXPECT_NE(std::string(e.what()).find("comm.ranks_per_node = " + std::to_string(rpn)),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_NE(check_ranks_per_node(3, 4).find("does not divide the 4 ranks"), std::string::npos);
+  EXPECT_EQ(check_ranks_per_node(2, 4), "");
+  EXPECT_EQ(check_ranks_per_node(0, 3), "");
 }

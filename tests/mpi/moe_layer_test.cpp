@@ -3,8 +3,9 @@
 // computed inside the same test on a self-communicator (relative error < 1e-5), in dropless,
 // capacity and pipelined modes, GELU and SwiGLU, and under degenerate loads (every token to
 // one expert, experts with nothing, a rank with no tokens). Every case runs the distributed
-// layer with both exchanges (comm.exchange alltoallv, and shared where it applies: one node,
-// no pipelining); the shared path must also be bitwise equal to the MPI path.
+// layer with every exchange (comm.exchange alltoallv, and, where they apply (no pipelining),
+// shared on one node and hierarchical on a forced layout of P/2 nodes x 2 ranks at np 4, 2 x 1
+// at np 2, 1 x 1 at np 1); shared and hierarchical must also be bitwise equal to alltoallv.
 #include "model/layers/moe_layer.hpp"
 #include "tests/test_util.hpp"
 
@@ -68,6 +69,11 @@ bool bitwise_equal(const Tensor& a, const Tensor& b) {
   return true;
 }
 
+// The forced node layout of the hierarchical runs: 2 ranks per node when P is even and > 2.
+int hier_ranks_per_node(int P) {
+  return P > 2 && P % 2 == 0 ? 2 : 1;
+}
+
 Outcome run_mode(const Case& c, ExchangeMode mode) {
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
@@ -94,6 +100,7 @@ Outcome run_mode(const Case& c, ExchangeMode mode) {
   ExpertPlacement placement = ExpertPlacement::blocked(c.config.n_experts, P);
   MoeConfig cfg = c.config;
   cfg.exchange = mode;
+  if (mode == ExchangeMode::kHierarchical) cfg.ranks_per_node = hier_ranks_per_node(P);
   MoeLayer layer("moe", d, cfg, placement, world, 1234);
   EXPECT_EQ(layer.exchange(), mode);
   if (c.tweak) c.tweak(layer);
@@ -154,18 +161,27 @@ Outcome run_mode(const Case& c, ExchangeMode mode) {
   return out;
 }
 
-// Both exchanges against the single-rank reference, and against each other bitwise.
+void expect_bitwise_equal(const Outcome& a, const Outcome& b) {
+  EXPECT_TRUE(bitwise_equal(a.y, b.y)) << "y";
+  EXPECT_TRUE(bitwise_equal(a.dx, b.dx)) << "dx";
+  EXPECT_TRUE(bitwise_equal(a.dw_router, b.dw_router)) << "router dW";
+  ASSERT_EQ(a.dw_experts.size(), b.dw_experts.size());
+  for (size_t i = 0; i < a.dw_experts.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(a.dw_experts[i], b.dw_experts[i])) << "expert dW " << i;
+}
+
+// Every exchange against the single-rank reference, and against alltoallv bitwise.
 void run_case(const Case& c) {
   Outcome mpi = run_mode(c, ExchangeMode::kAlltoallv);
-  if (c.config.pipeline_chunks > 1) return;  // the shared path has no pipelined form
+  if (c.config.pipeline_chunks > 1) return;  // shared and hierarchical have no pipelined form
   Outcome shared = run_mode(c, ExchangeMode::kShared);
-  SCOPED_TRACE(c.name + ": shared vs alltoallv");
-  EXPECT_TRUE(bitwise_equal(shared.y, mpi.y)) << "y";
-  EXPECT_TRUE(bitwise_equal(shared.dx, mpi.dx)) << "dx";
-  EXPECT_TRUE(bitwise_equal(shared.dw_router, mpi.dw_router)) << "router dW";
-  ASSERT_EQ(shared.dw_experts.size(), mpi.dw_experts.size());
-  for (size_t i = 0; i < mpi.dw_experts.size(); ++i)
-    EXPECT_TRUE(bitwise_equal(shared.dw_experts[i], mpi.dw_experts[i])) << "expert dW " << i;
+  {
+    SCOPED_TRACE(c.name + ": shared vs alltoallv");
+    expect_bitwise_equal(shared, mpi);
+  }
+  Outcome hier = run_mode(c, ExchangeMode::kHierarchical);
+  SCOPED_TRACE(c.name + ": hierarchical vs alltoallv");
+  expect_bitwise_equal(hier, mpi);
 }
 
 MoeConfig config(Activation act, double capacity, int chunks, int k = 2) {
@@ -354,6 +370,12 @@ TEST(MoeConfig, FromConfigDefaultsAndOverrides) {
   MoeConfig o = MoeConfig::from(c);
   EXPECT_EQ(o.exchange, ExchangeMode::kAlltoallv);
   EXPECT_THROW(c.set("comm.exchange=shm"), moe::Error);
+  EXPECT_EQ(d.ranks_per_node, 0);
+  c.set("comm.exchange=hierarchical");
+  c.set("comm.ranks_per_node=2");
+  EXPECT_EQ(MoeConfig::from(c).exchange, ExchangeMode::kHierarchical);
+  EXPECT_EQ(MoeConfig::from(c).ranks_per_node, 2);
+  EXPECT_THROW(c.set("comm.ranks_per_node=-1"), moe::Error);
   EXPECT_EQ(o.activation, Activation::kSwiglu);
   EXPECT_EQ(o.capacity_factor, 1.25);
   EXPECT_EQ(o.top_k, 1);
@@ -386,4 +408,47 @@ TEST(MoeLayer, ExchangeModeResolution) {
   cfg.pipeline_chunks = 1;
   cfg.exchange = ExchangeMode::kAlltoallv;
   EXPECT_EQ(MoeLayer("d", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kAlltoallv);
+}
+
+TEST(MoeLayer, ExchangeModeResolutionOnForcedNodes) {
+  // comm.ranks_per_node splits the ranks of this one machine into "nodes": auto is then
+  // hierarchical on several nodes of several ranks, alltoallv on nodes of one rank, never
+  // shared; shared is an error; a ranks_per_node that does not divide P is an error.
+  Communicator world = Communicator::world();
+  const int P = world.size();
+  ExpertPlacement placement = ExpertPlacement::blocked(8, P);
+  MoeConfig cfg = config(Activation::kGelu, 0.0, 1);
+  auto expect_config_error = [&](const MoeConfig& c, const std::string& needle) {
+    try {
+      MoeLayer("bad", 16, c, placement, world, 1);
+      ADD_FAILURE() << "accepted; expected an error containing '" << needle << "'";
+    } catch (const moe::Error& e) {
+      EXPECT_EQ(e.kind(), moe::ErrorKind::kConfig);
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  cfg.ranks_per_node = 1;  // P nodes x 1 rank
+  EXPECT_EQ(MoeLayer("a", 16, cfg, placement, world, 1).exchange(),
+            P == 1 ? ExchangeMode::kShared : ExchangeMode::kAlltoallv);
+  if (P == 4) {
+    cfg.ranks_per_node = 2;  // 2 nodes x 2 ranks
+    EXPECT_EQ(MoeLayer("b", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kHierarchical);
+    cfg.exchange = ExchangeMode::kShared;
+    expect_config_error(cfg, "2 nodes x 2 ranks (comm.ranks_per_node)");
+    cfg.exchange = ExchangeMode::kHierarchical;
+    EXPECT_EQ(MoeLayer("c", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kHierarchical);
+  }
+  cfg.ranks_per_node = P;  // one node of P ranks: shared stays available
+  cfg.exchange = ExchangeMode::kAuto;
+  EXPECT_EQ(MoeLayer("d", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kShared);
+  cfg.exchange = ExchangeMode::kHierarchical;
+  EXPECT_EQ(MoeLayer("e", 16, cfg, placement, world, 1).exchange(), ExchangeMode::kHierarchical);
+  cfg.pipeline_chunks = 2;
+  expect_config_error(cfg, "comm.exchange = hierarchical has no pipelined form");
+  cfg.pipeline_chunks = 1;
+  cfg.exchange = ExchangeMode::kAuto;
+  cfg.ranks_per_node = P + 1;
+  expect_config_error(cfg, "comm.ranks_per_node = " + std::to_string(P + 1) + " does not divide");
+  cfg.ranks_per_node = -1;
+  expect_config_error(cfg, "comm.ranks_per_node = -1");
 }
