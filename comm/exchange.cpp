@@ -614,6 +614,8 @@ namespace moe::comm {
 //   far    [n_recv]  phase-2 receive: rows from source (m, l) ordered by (m, l); src_pos[q] is
 //                    source q's first row, its rows in the source's send order (as the flat
 //                    path's raw receive buffer), so plan.recv_blocks() regroup them.
+// Blocks a phase would send to this rank itself skip MPI and the extra copy: rows for
+// (m, this l) are packed straight into relay1, and relay1 blocks (l, this n) go straight to far.
 struct Exchange::Hier {
   NodeLayout layout;
   Communicator node;            // this rank's node, ordered by local index
@@ -691,6 +693,8 @@ struct Exchange::Hier {
     mpi_counts(displs_of(r2), d2r, name, across, "node");
     mpi_counts(f, c2f, name, across, "node");
     mpi_counts(displs_of(f), d2f, name, across, "node");
+    c1e[me_l] = c1r[me_l] = 0;  // copied directly (see the top of Hier)
+    c2r[me_n] = c2f[me_n] = 0;
     rows1e = rows1r = rows2r = rows2f = 0;
     for (int l = 0; l < L; ++l)
       if (l != me_l) rows1e += e[l], rows1r += r1[l];
@@ -698,20 +702,33 @@ struct Exchange::Hier {
       if (m != me_n) rows2r += r2[m], rows2f += f[m];
   }
 
-  // relay1 (l, m) blocks <-> relay2 (m, l) blocks.
+  // relay1 (l, m) blocks <-> relay2 (m, l) blocks; blocks (l, this node) <-> far.
   void relay(bool to_cross, int64_t d) {
-    const int N = layout.n_nodes, L = layout.ranks_per_node;
+    const int N = layout.n_nodes, L = layout.ranks_per_node, me_n = cross.rank();
     const int64_t nb = int64_t(L) * N;
     int64_t total = 0;
     for (int64_t b = 0; b < nb; ++b) total += from[b];
-    float* a = relay1.data();
-    float* b = relay2.data();
 #pragma omp parallel for schedule(dynamic, 1) if (total * d > kParallelCopyFloats)
     for (int64_t j = 0; j < nb; ++j) {
-      const float* src = to_cross ? a + relay_in[j] * d : b + relay_out[j] * d;
-      float* dst = to_cross ? b + relay_out[j] * d : a + relay_in[j] * d;
-      copy_rows(src, d, dst, d, from[j], d);
+      const int l = static_cast<int>(j / N), m = static_cast<int>(j % N);
+      float* in = relay1.data() + relay_in[j] * d;
+      float* out = m == me_n ? far.data() + src_pos[rank_at[size_t(m) * L + l]] * d
+                             : relay2.data() + relay_out[j] * d;
+      if (to_cross) {
+        copy_rows(in, d, out, d, from[j], d);
+      } else {
+        copy_rows(out, d, in, d, from[j], d);
+      }
     }
+  }
+
+  // Where send row i (destination q, first send row sq) lives between the edge and the relay:
+  // in edge, or, for this rank's local index, already in relay1.
+  float* edge_row(int q, int64_t i, int64_t sq, int64_t d) {
+    const int N = layout.n_nodes, me_l = node.rank();
+    if (layout.local[q] == me_l)
+      return relay1.data() + (relay_in[size_t(me_l) * N + layout.node[q]] + i - sq) * d;
+    return edge.data() + (dest_pos[q] + i - sq) * d;
   }
 
   void grow(const DispatchPlan& plan, int64_t d) {
@@ -792,14 +809,13 @@ void Exchange::hier_forward(const DispatchPlan& plan, ConstView src, bool by_slo
   const std::vector<int64_t>& sd = plan.send_displs();
   const int64_t n_send = plan.n_send();
   const int kk = by_slot ? 1 : k;  // src row of send row i: slot[i] / kk
-  float* edge = h.edge.data();
 #pragma omp parallel for schedule(static) if (n_send * d > kParallelCopyFloats)
   for (int64_t i = 0; i < n_send; ++i) {
     const int q = dest_of(sd, i);
-    copy_row(src.row(slot[i] / kk), edge + (h.dest_pos[q] + i - sd[q]) * d, d);
+    copy_row(src.row(slot[i] / kk), h.edge_row(q, i, sd[q], d), d);
   }
-  MOE_MPI_CHECK(MPI_Alltoallv(edge, h.c1e.data(), h.d1e.data(), type, h.relay1.data(), h.c1r.data(),
-                              h.d1r.data(), type, h.node.raw()),
+  MOE_MPI_CHECK(MPI_Alltoallv(h.edge.data(), h.c1e.data(), h.d1e.data(), type, h.relay1.data(),
+                              h.c1r.data(), h.d1r.data(), type, h.node.raw()),
                 cat(op, " within the node"));
   h.relay(/*to_cross=*/true, d);
   MOE_MPI_CHECK(MPI_Alltoallv(h.relay2.data(), h.c2r.data(), h.d2r.data(), type, h.far.data(),
@@ -863,13 +879,12 @@ void Exchange::hier_backward(const DispatchPlan& plan, ConstView y, View out) {
   const std::vector<int64_t>& sd = plan.send_displs();
   const std::vector<uint8_t>& kept = plan.kept();
   const int64_t n_send = plan.n_send();
-  const float* edge = h.edge.data();
 #pragma omp parallel if (S * d > kParallelCopyFloats)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < n_send; ++i) {
       const int q = dest_of(sd, i);
-      copy_row(edge + (h.dest_pos[q] + i - sd[q]) * d, out.row(slot[i]), d);
+      copy_row(h.edge_row(q, i, sd[q], d), out.row(slot[i]), d);
     }
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < S; ++s)

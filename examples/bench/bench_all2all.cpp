@@ -2,14 +2,24 @@
 // moving the same byte counts, both measured in the same run, the same way.
 //
 //   mpirun -np 2 moe-bench all2all [--tokens 4096] [--d-model 512] [--experts 8] [--top-k 2]
-//                                  [--samples 7] [--min-time 0.2] [--rounds 31] [--json]
+//                                  [--samples 7] [--min-time 0.2] [--rounds 31]
+//                                  [--ranks-per-node 0] [--json]
 //
-// Routing is random top-k over distinct experts (dropless), seeded per rank. Two paths of ours:
-// - alltoallv: Exchange::dispatch (token rows -> expert-grouped rows) followed by
+// Routing is random top-k over distinct experts (dropless), seeded per rank. Paths of ours:
+// - alltoallv (flat): Exchange::dispatch (token rows -> expert-grouped rows) followed by
 //   Exchange::combine (back to slot rows), including the packing and regrouping they do;
-// - shared (when all ranks are on one node): Exchange::dispatch_shared, combine_buffer and
-//   combine_shared. The identity "experts" copying the dispatched rows into combine_buffer sit
-//   between them and are not timed: they stand for the expert computation, which writes there.
+// - hierarchical: the same calls with ExchangeAlgorithm::kHierarchical (within the node, then
+//   across nodes), on the node layout from MPI or forced by --ranks-per-node N (consecutive
+//   blocks of N ranks are one "node", as comm.ranks_per_node); skipped on uneven nodes;
+// - shared (when all ranks are on one node and no forced layout splits them):
+//   Exchange::dispatch_shared, combine_buffer and combine_shared. The identity "experts"
+//   copying the dispatched rows into combine_buffer sit between them and are not timed: they
+//   stand for the expert computation, which writes there.
+// For flat and hierarchical it also prints the traffic of one dispatch + combine per rank
+// (messages and bytes sent to other ranks, and the part that crosses node boundaries, mean and
+// max over ranks) from the exchanges' own counters. On one machine "crossing a node boundary"
+// is still shared memory, so the times only show the cost of the extra phase and copies; the
+// internode counts are what a real cluster's network would carry.
 // "Raw" is two MPI_Alltoallv calls on contiguous buffers with exactly the per-rank byte counts of
 // the plan (self included), one in each direction. Samples alternate between the paths so
 // background load hits all alike; a sample's time is the slowest rank's; the figure is the
@@ -77,6 +87,7 @@ int bench_all2all(const std::vector<std::string>& argv) {
   const int rounds = int(args.get_int("--rounds", 31));
   const double min_time = args.get_float("--min-time", 0.2);
   const bool json = args.flag("--json");
+  const int rpn = int(args.get_int("--ranks-per-node", 0));
   if (k < 1 || k > E) throw Error(ErrorKind::kConfig, cat("all2all bench: top-k ", k, " of ", E));
 
   comm::Communicator w = comm::Communicator::world();
@@ -106,11 +117,16 @@ int bench_all2all(const std::vector<std::string>& argv) {
       slot_out({std::max<int64_t>(T * k, 1), d});
   for (int64_t t = 0; t < T; ++t)
     for (int64_t c = 0; c < d; ++c) x[t * d + c] = float(t % 1000) + float(c) / 1024;
-  comm::Exchange ex(w, "bench");
-  auto ours = [&] {
-    ex.dispatch(plan, ConstView(x.data(), T, d), View(expert_in.data(), R, d));
-    ex.combine(plan, ConstView(expert_in.data(), R, d), View(slot_out.data(), T * k, d));
+  comm::Exchange ex(w, "bench", {comm::ExchangeAlgorithm::kFlat, rpn});
+  comm::Exchange hx(w, "bench.hier", {comm::ExchangeAlgorithm::kHierarchical, rpn});
+  const comm::NodeLayout& nodes = ex.nodes();  // the flat exchange then counts internode traffic
+  const bool hier = nodes.uniform();
+  auto through = [&](comm::Exchange& e) {
+    e.dispatch(plan, ConstView(x.data(), T, d), View(expert_in.data(), R, d));
+    e.combine(plan, ConstView(expert_in.data(), R, d), View(slot_out.data(), T * k, d));
   };
+  auto ours = [&] { through(ex); };
+  auto ours_hier = [&] { through(hx); };
 
   // The node-local path: one copy each way through shared windows; only the exchange is timed.
   const bool shared = ex.shared_available();
@@ -127,19 +143,42 @@ int bench_all2all(const std::vector<std::string>& argv) {
   };
 
   // Check once per path that the rows came home, so the figures are for a correct exchange.
-  for (int path = 0; path < (shared ? 2 : 1); ++path) {
+  // The traffic figures come from the first (checked) call of flat and hierarchical.
+  const char* names[] = {"alltoallv", "shared", "hierarchical"};
+  comm::ExchangeStats traffic[3];
+  for (int path = 0; path < 3; ++path) {
+    if ((path == 1 && !shared) || (path == 2 && !hier)) continue;
+    comm::Exchange& e = path == 2 ? hx : ex;
+    const comm::ExchangeStats before = e.stats();
     slot_out.fill(-1.0f);
-    if (path == 0) {
-      ours();
-    } else {
+    if (path == 1) {
       ours_shared();
+    } else {
+      through(e);
     }
+    const comm::ExchangeStats& after = e.stats();
+    traffic[path].bytes_sent = after.bytes_sent - before.bytes_sent;
+    traffic[path].messages_sent = after.messages_sent - before.messages_sent;
+    traffic[path].internode_bytes_sent = after.internode_bytes_sent - before.internode_bytes_sent;
+    traffic[path].internode_messages_sent =
+        after.internode_messages_sent - before.internode_messages_sent;
     int64_t wrong = 0;
     for (int64_t s = 0; s < T * k; ++s)
       wrong += std::memcmp(slot_out.data() + s * d, x.data() + (s / k) * d, sizeof(float) * d) != 0;
     if (w.any(wrong > 0))
       throw Error(ErrorKind::kInternal, cat("all2all bench: ", wrong, " slot rows did not return (",
-                                            path ? "shared" : "alltoallv", " path)"));
+                                            names[path], " path)"));
+  }
+  // Per rank and dispatch + combine: {mean, max} over ranks of each traffic figure.
+  auto mean_max = [&](int64_t v) {
+    return std::pair<double, int64_t>(double(w.sum(v)) / P, w.max(v));
+  };
+  std::pair<double, int64_t> msgs[3], xmsgs[3], bytes[3], xbytes[3];
+  for (int path : {0, 2}) {
+    msgs[path] = mean_max(traffic[path].messages_sent);
+    xmsgs[path] = mean_max(traffic[path].internode_messages_sent);
+    bytes[path] = mean_max(traffic[path].bytes_sent);
+    xbytes[path] = mean_max(traffic[path].internode_bytes_sent);
   }
 
   // Raw MPI_Alltoallv with the plan's byte counts (self included), there and back.
@@ -164,25 +203,31 @@ int bench_all2all(const std::vector<std::string>& argv) {
 
   const int64_t reps_ours = calibrate(w, ours, min_time);
   const int64_t reps_shared = shared ? calibrate(w, ours_shared, min_time) : 0;
+  const int64_t reps_hier = hier ? calibrate(w, ours_hier, min_time) : 0;
   const int64_t reps_raw = calibrate(w, raw, min_time);
-  std::vector<double> t_ours, t_shared, t_raw;
+  std::vector<double> t_ours, t_shared, t_hier, t_raw;
   for (int s = 0; s < samples; ++s) {
     t_ours.push_back(timed(w, ours, reps_ours));
     if (shared) t_shared.push_back(timed_part(w, ours_shared, shared_part, reps_shared));
+    if (hier) t_hier.push_back(timed(w, ours_hier, reps_hier));
     t_raw.push_back(timed(w, raw, reps_raw));
   }
   const double s_ours = median(t_ours), s_raw = median(t_raw);
   const double s_shared = shared ? median(t_shared) : 0.0;
+  const double s_hier = hier ? median(t_hier) : 0.0;
 
-  std::vector<double> i_ours, i_shared, i_raw;
+  std::vector<double> i_ours, i_shared, i_hier, i_raw;
   for (int r = 0; r < rounds; ++r) {
     i_ours.push_back(timed(w, ours, 1));
     if (shared) i_shared.push_back(timed_part(w, ours_shared, shared_part, 1));
+    if (hier) i_hier.push_back(timed(w, ours_hier, 1));
     i_raw.push_back(timed(w, raw, 1));
   }
   const double si_ours = median(i_ours), si_raw = median(i_raw);
   const double si_shared = shared ? median(i_shared) : 0.0;
+  const double si_hier = hier ? median(i_hier) : 0.0;
   const double iratio = si_raw / si_ours, iratio_shared = shared ? si_raw / si_shared : 0.0;
+  const double iratio_hier = hier ? si_raw / si_hier : 0.0;
 
   // Bytes per iteration: every kept slot's row goes out and comes back (self included).
   const int64_t bytes_rank = 2 * plan.n_send() * d * int64_t(sizeof(float));
@@ -191,13 +236,21 @@ int bench_all2all(const std::vector<std::string>& argv) {
   const int64_t bytes_remote = w.sum(2 * remote_rows * d * int64_t(sizeof(float)));
   const double ratio = s_raw / s_ours;
   const double ratio_shared = shared ? s_raw / s_shared : 0.0;
-  const bool best_shared = shared && ratio_shared > ratio;
-  const double s_best = best_shared ? s_shared : s_ours;
+  const double ratio_hier = hier ? s_raw / s_hier : 0.0;
+  const double best_ratio = std::max({ratio, ratio_shared, ratio_hier});
+  const char* best_path = best_ratio == ratio          ? "alltoallv"
+                          : best_ratio == ratio_shared ? "shared"
+                                                       : "hierarchical";
+  const double s_best = s_raw / best_ratio;
   const comm::LoadStats& st = plan.stats();
 
   if (me == 0) {
     std::printf("all2all: P=%d ranks, T=%lld tokens/rank, d=%lld, E=%d, top-%d random, dropless\n",
                 P, (long long)T, (long long)d, E, k);
+    std::printf("nodes: %s%s\n", nodes.describe().c_str(),
+                nodes.forced ? " -- forced on one machine: 'internode' traffic is still shared "
+                               "memory here"
+                             : "");
     std::printf(
         "bytes per dispatch+combine: %.1f MB total (%.1f MB between ranks); plan build "
         "%.3f ms; expert imbalance %.3f\n\n",
@@ -211,6 +264,12 @@ int bench_all2all(const std::vector<std::string>& argv) {
     } else {
       std::printf("%-40s %10s %10s %8s\n", "ours, shared (ranks span nodes)", "-", "-", "-");
     }
+    if (hier) {
+      std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, hierarchical: dispatch + combine",
+                  s_hier * 1e3, bytes_total / s_hier / 1e9, ratio_hier);
+    } else {
+      std::printf("%-40s %10s %10s %8s\n", "ours, hierarchical (uneven nodes)", "-", "-", "-");
+    }
     std::printf("%-40s %10.3f %10.2f %8.3f\n", "raw MPI_Alltoallv x2 (same bytes)", s_raw * 1e3,
                 bytes_total / s_raw / 1e9, 1.0);
     std::printf("\ninterleaved single rounds (%d, median):\n", rounds);
@@ -219,8 +278,21 @@ int bench_all2all(const std::vector<std::string>& argv) {
     if (shared)
       std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, shared", si_shared * 1e3,
                   bytes_total / si_shared / 1e9, iratio_shared);
+    if (hier)
+      std::printf("%-40s %10.3f %10.2f %8.3f\n", "ours, hierarchical", si_hier * 1e3,
+                  bytes_total / si_hier / 1e9, iratio_hier);
     std::printf("%-40s %10.3f %10.2f %8.3f\n", "raw MPI_Alltoallv x2", si_raw * 1e3,
                 bytes_total / si_raw / 1e9, 1.0);
+    std::printf("\ntraffic per rank, one dispatch + combine (mean / max over ranks):\n");
+    std::printf("%-14s %17s %17s %19s %19s\n", "", "messages", "internode msgs", "MB sent",
+                "internode MB");
+    for (int path : {0, 2}) {
+      if (path == 2 && !hier) continue;
+      std::printf("%-14s %8.1f /%7lld %8.1f /%7lld %9.3f /%8.3f %9.3f /%8.3f\n", names[path],
+                  msgs[path].first, (long long)msgs[path].second, xmsgs[path].first,
+                  (long long)xmsgs[path].second, bytes[path].first / 1e6, bytes[path].second / 1e6,
+                  xbytes[path].first / 1e6, xbytes[path].second / 1e6);
+    }
     if (json) {
       nlohmann::json out = {
           {"bench", "all2all"},
@@ -231,24 +303,43 @@ int bench_all2all(const std::vector<std::string>& argv) {
           {"top_k", k},
           {"bytes", bytes_total},
           {"bytes_between_ranks", bytes_remote},
-          {"exchange_path", best_shared ? "shared" : "alltoallv"},
+          {"exchange_path", best_path},
+          {"nodes", nodes.n_nodes},
+          {"ranks_per_node", nodes.ranks_per_node},
+          {"nodes_forced", nodes.forced},
           {"seconds", s_best},
           {"seconds_alltoallv", s_ours},
           {"seconds_shared", shared ? nlohmann::json(s_shared) : nullptr},
+          {"seconds_hierarchical", hier ? nlohmann::json(s_hier) : nullptr},
           {"seconds_mpi", s_raw},
           {"throughput_gbs", bytes_total / s_best / 1e9},
           {"throughput_mpi_gbs", bytes_total / s_raw / 1e9},
           {"plan_seconds", plan_s},
           {"samples", samples},
-          {"exchange_ratio_vs_mpi", best_shared ? ratio_shared : ratio},
+          {"exchange_ratio_vs_mpi", best_ratio},
           {"exchange_ratio_vs_mpi_alltoallv", ratio},
           {"exchange_ratio_vs_mpi_shared", shared ? nlohmann::json(ratio_shared) : nullptr},
+          {"exchange_ratio_vs_mpi_hierarchical", hier ? nlohmann::json(ratio_hier) : nullptr},
           {"rounds", rounds},
           {"seconds_mpi_interleaved", si_raw},
-          {"exchange_ratio_vs_mpi_interleaved", std::max(iratio, iratio_shared)},
+          {"exchange_ratio_vs_mpi_interleaved", std::max({iratio, iratio_shared, iratio_hier})},
           {"exchange_ratio_vs_mpi_alltoallv_interleaved", iratio},
           {"exchange_ratio_vs_mpi_shared_interleaved",
-           shared ? nlohmann::json(iratio_shared) : nullptr}};
+           shared ? nlohmann::json(iratio_shared) : nullptr},
+          {"exchange_ratio_vs_mpi_hierarchical_interleaved",
+           hier ? nlohmann::json(iratio_hier) : nullptr}};
+      // Traffic per rank and dispatch + combine, mean and max over ranks, per algorithm.
+      for (int path : {0, 2}) {
+        if (path == 2 && !hier) continue;
+        out["traffic"][names[path]] = {{"messages_mean", msgs[path].first},
+                                       {"messages_max", msgs[path].second},
+                                       {"internode_messages_mean", xmsgs[path].first},
+                                       {"internode_messages_max", xmsgs[path].second},
+                                       {"bytes_sent_mean", bytes[path].first},
+                                       {"bytes_sent_max", bytes[path].second},
+                                       {"internode_bytes_mean", xbytes[path].first},
+                                       {"internode_bytes_max", xbytes[path].second}};
+      }
       std::printf("%s\n", out.dump().c_str());
     }
   }
