@@ -1,7 +1,8 @@
 // moe-bench layer: one MoE layer, forward + backward, under mpirun (any rank count).
 //   mpirun -np 2 moe-bench layer --threads 1 [--json]     2 ranks x 1 thread
 //   mpirun -np 1 moe-bench layer --threads 2 [--json]     1 rank  x 2 threads
-//   --exchange auto|alltoallv|shared (comm.exchange; default auto); the path that ran is printed
+//   --exchange auto|alltoallv|shared|hierarchical (comm.exchange; default auto), with
+//   --ranks-per-node N (comm.ranks_per_node; default 0 = detect); the path that ran is printed
 // Defaults: 4096 tokens over all ranks, d_model 512, d_ff 2048, 8 experts, top-2, GELU,
 // dropless (the PyTorch reference's `layer` shape). Figures, each measured in this run:
 //   layer_tokens_per_s     global tokens / median step time (max over ranks)
@@ -73,6 +74,7 @@ int bench_layer(const std::vector<std::string>& argv) {
   cfg.capacity_factor = args.get_float("--capacity-factor", 0.0);
   cfg.pipeline_chunks = static_cast<int>(args.get_int("--chunks", 1));
   cfg.exchange = model::parse_exchange_mode(args.get("--exchange", "auto"));
+  cfg.ranks_per_node = int(args.get_int("--ranks-per-node", 0));
   const int samples = static_cast<int>(args.get_int("--samples", 5));
   const double min_time = args.get_float("--min-time", 1.0);
 

@@ -8,6 +8,9 @@
 #   one-micro-step  aux_loss_scope=global and train.micro_batch = 8 / ranks, so every rank count
 #                   runs one micro-step of the whole global batch and the global load-balancing
 #                   loss covers the same tokens.
+#   hierarchical    as-is, with the node-aware exchange on forced node layouts: 1 rank, then
+#                   comm.exchange=hierarchical on 2 nodes x 1 rank and on 2 nodes x 2 ranks
+#                   (comm.ranks_per_node 1 and 2).
 # The load-balancing loss E sum_i f_i P_i is not linear in the tokens, so its gradient depends on
 # which tokens share the statistics: with the global scope (all ranks' tokens of a micro-step)
 # that grouping changes with the rank count under accumulation; with the rank scope the groups
@@ -18,6 +21,10 @@ for np in 1 2 4; do
   case $mode in
     as-is) train $np np$np ;;
     no-aux) train $np np$np --set model.moe.aux_loss_coef=0 ;;
+    hierarchical)
+      if [ $np -eq 1 ]; then train 1 np1; else
+        train $np np$np --set comm.exchange=hierarchical --set comm.ranks_per_node=$((np / 2))
+      fi ;;
     one-micro-step)
       train $np np$np --set model.moe.aux_loss_scope=global --set train.micro_batch=$((8 / np)) ;;
     *) fail "unknown mode $mode" ;;
