@@ -154,7 +154,8 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
   }
   if (c.n_moe_layers() > 0 && P > E) {
     p.feasible = false;
-    p.why = cat(E, " experts cannot be spread over ", P, " ranks");
+    p.why = cat(E, " experts cannot be spread over ", P,
+                " ranks (at least one expert per rank: --set model.moe.num_experts=N)");
     return p;
   }
   const int64_t t = work.micro_batch * seq_len_;

@@ -31,7 +31,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = ["mode", "ranks", "nodes", "threads", "oversubscribed", "global_batch", "micro_batch",
           "tokens_per_step", "steps_measured", "step_s", "tokens_per_s", "tokens_per_s_per_rank",
-          "parallel_efficiency", "exchange_fraction", "expert_imbalance", "mfu"]
+          "parallel_efficiency", "exchange_fraction", "expert_imbalance", "mfu", "loadavg"]
 
 
 def die(msg):
@@ -97,7 +97,9 @@ def run(args):
                    "--set", "train.eval_batches=1", "--set", "checkpoint.every=0",
                    "--set", f"train.micro_batch={mb}", "--set", f"train.global_batch={gb}",
                    "--set", f"log.every={args.steps}"] + args.extra
-            print(f"scaling: {mode} np {n}: micro_batch {mb}, global_batch {gb}", flush=True)
+            load = os.getloadavg()[0]  # other jobs on the machine skew the figures
+            print(f"scaling: {mode} np {n}: micro_batch {mb}, global_batch {gb} (load average "
+                  f"{load:.1f})", flush=True)
             with open(os.path.join(d, "out.log"), "w") as log:
                 rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
             if rc != 0:
@@ -107,7 +109,7 @@ def run(args):
             with open(os.path.join(d, "layout.json"), "w") as f:
                 json.dump({"ranks": n, "nodes": 1, "threads": args.threads,
                            "cores_per_node": os.cpu_count(), "mode": mode,
-                           "micro_batch": mb, "global_batch": gb}, f)
+                           "micro_batch": mb, "global_batch": gb, "loadavg": load}, f)
     return dirs
 
 
@@ -149,7 +151,8 @@ def summarise(mode, d, warmup):
             "tokens_per_s_per_rank": tokens / step_s / n,
             "exchange_fraction": statistics.median(r["exchange_fraction"] for r in kept),
             "expert_imbalance": statistics.median(r["expert_imbalance"] for r in kept),
-            "mfu": statistics.median(r["mfu"] for r in kept)})
+            "mfu": statistics.median(r["mfu"] for r in kept),
+            "loadavg": layout.get("loadavg", "")})
     rows.sort(key=lambda r: r["ranks"])
     base = next((r for r in rows if r["ranks"] == 1), rows[0] if rows else None)
     for r in rows:
@@ -195,6 +198,8 @@ def plot(rows, path, title):
         if key == "parallel_efficiency":
             ax.axhline(1.0, color="gray", lw=0.8, ls=":")
             ax.set_ylim(0, 1.15)
+        if key == "expert_imbalance":
+            ax.set_ylim(bottom=1.0)  # 1 = balanced
         over_x = [r["ranks"] for r in rows if r["oversubscribed"]]
         if over_x:  # shade the rank counts that oversubscribe the cores
             ax.axvspan(min(over_x) / 1.25, max(r["ranks"] for r in rows) * 1.25, color="red",
@@ -265,6 +270,9 @@ def main():
         if not got:
             die(f"{d}: no np<N>/metrics.jsonl with steps after the warm-up")
         rows += got
+    loads = [r["loadavg"] for r in rows if isinstance(r["loadavg"], (int, float))]
+    if loads:
+        title += f"; load average {min(loads):.1f}-{max(loads):.1f} before the runs"
     csv_path = os.path.join(args.out, "scaling.csv")
     png_path = os.path.join(args.out, "scaling.png")
     write_csv(rows, csv_path)
