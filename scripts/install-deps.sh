@@ -11,7 +11,7 @@ PACKAGES=(
   libhdf5-dev hdf5-tools
   libyaml-cpp-dev
   libgtest-dev libgmock-dev
-  nlohmann-json3-dev libcli11-dev python3-h5py
+  nlohmann-json3-dev libcli11-dev python3-h5py python3-matplotlib
   libsentencepiece-dev sentencepiece
   bible-kjv-text bible-kjv
   fortunes fortunes-min

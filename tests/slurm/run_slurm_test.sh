@@ -9,9 +9,10 @@
 #   4. RESUME_FROM naming a missing directory: a clear message in the job output;
 #   5. slurm/scaling.sbatch over 1, 2 and 4 ranks with 2 experts: metrics per count, and a clear
 #      message that 4 ranks cannot hold 2 experts;
-#   6. a job with --time=1 and --signal=B:USR1@50: stops on the signal with a checkpoint, exit 0.
+#   6. a job with --time=1 and --signal=B:USR1@50: stops on the signal with a checkpoint, exit 0;
+#   7. slurm/serve.sbatch serves job 1's checkpoint on 2 nodes: /healthz, one completion, scancel.
 # Every job is cancelled and every daemon started here stopped (by its pid file) on exit, also on
-# failure or after the script's own deadline (SLURM_TEST_LIMIT, 150 s).
+# failure or after the script's own deadline (SLURM_TEST_LIMIT, 200 s).
 # Usage: run_slurm_test.sh <bin dir with moe-train> <token file>
 # Needs root and the packages slurmctld slurmd slurm-client munge (scripts/test.sh --with-slurm).
 set -euo pipefail
@@ -70,7 +71,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 # Own deadline below ctest's TIMEOUT (which kills without a trap): fail and clean up in time.
-LIMIT=${SLURM_TEST_LIMIT:-150}
+LIMIT=${SLURM_TEST_LIMIT:-200}
 trap 'echo "slurm-test: FAIL: not done after ${LIMIT}s" >&2; exit 124' USR2
 (sleep "$LIMIT" && kill -USR2 $$) >/dev/null 2>&1 &
 WATCHDOG=$!
@@ -277,4 +278,25 @@ if [ "${SLURM_TEST_TIME_LIMIT:-1}" = 1 ]; then
   say "time limit: '$(grep -m1 'stopping at step' "$T/job6.out")', $(scontrol show job "$id" |
     grep -o 'RunTime=[0-9:]*')"
 fi
+# -- 7. serve.sbatch: moe-serve on 2 nodes from job 1's checkpoint, one completion, scancel -----
+PORT=$((base + 5))
+id=$(CHECKPOINT=$R1/ck PORT=$PORT LAUNCHER=srun sbatch --parsable -N 2 --ntasks-per-node=1 \
+  --cpus-per-task=1 --time=5 --output="$T/job7.out" "$ROOT/slurm/serve.sbatch")
+say "job $id submitted (serve.sbatch on port $PORT)"
+end=$(($(date +%s) + 45))
+until curl -sf "http://127.0.0.1:$PORT/healthz" 2>/dev/null | grep -q '"ok"'; do
+  [ "$(date +%s)" -lt "$end" ] || fail "serve job $id: no /healthz on port $PORT after 45 s"
+  [ -n "$(job_state "$id")" ] || fail "serve job $id ended before serving"
+  sleep 0.3
+done
+out=$(curl -sf "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"prompt": "In the beginning", "max_tokens": 4, "temperature": 0}') ||
+  fail "serve job $id: the completion request failed"
+echo "$out" | grep -q '"completion_tokens":4' || fail "serve job $id: unexpected reply: $out"
+grep -q "rank 0 on node1 serves http://127.0.0.1:$PORT" "$T/job7.out" ||
+  fail "serve job $id: the output does not say where the server is"
+scancel "$id"
+wait_job "$id" 30
+grep -q 'got SIGTERM: stopping the server' "$T/job7.out" || fail "serve job $id: no SIGTERM seen on scancel"
+say "serve: /healthz ok, a 4-token completion, stopped by scancel"
 say "PASS in $(($(date +%s) - START))s"
