@@ -90,11 +90,17 @@ LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::str
   }
   comm.agree(error, ErrorKind::kData, "load checkpoint config");
   const ModelConfig mc = ModelConfig::from(out.config, info.vocab_size);
+  if (mc.n_moe_layers() > 0 && mc.moe.router == RouterKind::kExpertChoice)
+    throw Error(ErrorKind::kConfig,
+                cat(checkpoint_dir, " was trained with model.moe.router = expert_choice, which ",
+                    "picks each expert's tokens from the whole batch and so cannot decode one ",
+                    "token at a time; generation and serving need a topk or topk_bias model"));
   out.model = std::make_unique<Transformer>(mc, comm, 0);
   Transformer& model = *out.model;
 
   std::vector<checkpoint::TensorEntry> dense;
   for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
+  for (auto& [name, value] : model.buffers()) dense.push_back({name, value, {}, {}, nullptr});
   std::vector<checkpoint::ExpertEntry> experts;
   for (int l = 0; l < mc.n_layers; ++l) {
     MoeLayer* m = model.moe_layer(l);

@@ -82,6 +82,79 @@ double evaluate(Transformer& model, const TokenDataset& val, const Shape& shape,
   return comm.sum(local, "eval loss");
 }
 
+// Router health over the MoE layers, for the metrics:
+//   dead_experts  (layer, expert) pairs that received no token (kept slot) in any training
+//                 micro-step of the last kDeadExpertWindow steps (of the steps run in this launch,
+//                 when fewer), summed over layers;
+//   router_kl     KL(z || uniform) = sum_i z_i log(E z_i), z_i = the router probability of
+//                 expert i summed over the step's (or the run's) tokens, normalised; 0 = even,
+//                 log E = all mass on one expert; the mean over layers.
+constexpr int64_t kDeadExpertWindow = 100;
+
+class RouterHealth {
+ public:
+  explicit RouterHealth(const Transformer& model) {
+    for (const MoeLayer* m : model.moe_layers()) {
+      const size_t E = static_cast<size_t>(m->config().n_experts);
+      last_used_.emplace_back(E, -1);
+      used_.emplace_back(E, 0);
+      step_prob_.emplace_back(E, 0.0);
+      run_prob_.emplace_back(E, 0.0);
+    }
+  }
+  // After each training micro-step's forward.
+  void add(const Transformer& model) {
+    size_t l = 0;
+    for (const MoeLayer* m : model.moe_layers()) {
+      const MoeLoadStats& st = m->stats();
+      for (size_t e = 0; e < used_[l].size(); ++e) {
+        if (e < st.load.expert_tokens.size() && st.load.expert_tokens[e] > 0) used_[l][e] = 1;
+        if (e < st.prob_sum.size()) step_prob_[l][e] += st.prob_sum[e];
+      }
+      ++l;
+    }
+  }
+  // Closes step s: returns (dead experts, router KL of this step).
+  std::pair<int64_t, double> end_step(int64_t s) {
+    int64_t dead = 0;
+    double kl = 0.0;
+    for (size_t l = 0; l < used_.size(); ++l) {
+      for (size_t e = 0; e < used_[l].size(); ++e) {
+        if (used_[l][e]) last_used_[l][e] = s;
+        used_[l][e] = 0;
+        dead += last_used_[l][e] < 0 || s - last_used_[l][e] >= kDeadExpertWindow;
+        run_prob_[l][e] += step_prob_[l][e];
+      }
+      kl += kl_uniform(step_prob_[l]);
+      std::fill(step_prob_[l].begin(), step_prob_[l].end(), 0.0);
+    }
+    last_dead_ = dead;
+    return {dead, used_.empty() ? 0.0 : kl / static_cast<double>(used_.size())};
+  }
+  int64_t last_dead() const { return last_dead_; }
+  // KL of the whole launch's accumulated probabilities, mean over layers.
+  double run_kl() const {
+    double kl = 0.0;
+    for (const auto& z : run_prob_) kl += kl_uniform(z);
+    return run_prob_.empty() ? 0.0 : kl / static_cast<double>(run_prob_.size());
+  }
+
+ private:
+  static double kl_uniform(const std::vector<double>& mass) {
+    double total = 0.0;
+    for (double v : mass) total += v;
+    if (!(total > 0.0)) return 0.0;
+    double kl = 0.0;
+    for (double v : mass)
+      if (v > 0.0) kl += (v / total) * std::log(v / total * static_cast<double>(mass.size()));
+    return kl;
+  }
+  std::vector<std::vector<int64_t>> last_used_;  // [layers][E] last step with load, -1: none
+  std::vector<std::vector<uint8_t>> used_;       // [layers][E] load in the current step
+  std::vector<std::vector<double>> step_prob_, run_prob_;  // [layers][E]
+  int64_t last_dead_ = 0;
+};
+
 }  // namespace
 
 void install_stop_signal_handlers() {
@@ -162,6 +235,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   };
   std::vector<checkpoint::TensorEntry> dense_entries;
   for (const ParamRef& p : model.dense_params()) dense_entries.push_back(entry(p.name, p.value));
+  // Router biases (topk_bias): replicated, no optimiser state.
+  for (auto& [name, value] : model.buffers())
+    dense_entries.push_back({name, value, {}, {}, nullptr});
   std::vector<checkpoint::ExpertEntry> expert_entries;
   for (int l = 0; l < mc->n_layers; ++l) {
     MoeLayer* moe = model.moe_layer(l);
@@ -224,15 +300,16 @@ TrainSummary train(const Config& config, const TrainOptions& options,
 
   log::info0("model: ", mc->n_layers, " blocks (", mc->n_moe_layers(), " MoE), d_model ",
              mc->d_model, ", vocab ", mc->vocab_size, ", ", mc->moe.n_experts, " experts top-",
-             mc->moe.top_k, "; ", mc->active_params() / 1e6, "M active parameters; batch ",
-             shape.global_batch, " x ", T, " tokens = ", P, " ranks x ", m, " x ",
-             shape.accumulation, " accumulation; steps ", start_step, " -> ", end_step, " of ",
-             total_steps, "; peak ", job_peak, " GFLOP/s");
+             mc->moe.top_k, " router ", router_kind_name(mc->moe.router), "; ",
+             mc->active_params() / 1e6, "M active parameters; batch ", shape.global_batch, " x ", T,
+             " tokens = ", P, " ranks x ", m, " x ", shape.accumulation, " accumulation; steps ",
+             start_step, " -> ", end_step, " of ", total_steps, "; peak ", job_peak, " GFLOP/s");
 
   TrainSummary summary;
   summary.first_step = start_step;
   std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
-  double time_sum = 0, tokens_sum = 0, exchange_sum = 0;
+  double time_sum = 0, tokens_sum = 0, exchange_sum = 0, imbalance_sum = 0;
+  RouterHealth health(model);
   int64_t steps_done = 0, steps_skipped = 0;
   for (int64_t s = start_step; s < end_step; ++s) {
     const double t0 = now_s();
@@ -247,6 +324,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                      last ? std::function<void(size_t)>([&](size_t i) { reducer.mark_ready(i); })
                           : std::function<void(size_t)>());
       ModelStats st = model.stats();
+      health.add(model);
       aux += st.aux_loss / shape.accumulation;
       lb += st.load_balance_loss / shape.accumulation;
       z += st.z_loss / shape.accumulation;
@@ -273,6 +351,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
       opt.step(lr);
     }
+    model.end_step(!skipped);  // router bias updates (topk_bias)
+    const auto [dead_experts, router_kl] = health.end_step(s);
+    imbalance_sum += imbalance;
     const double dt = now_s() - t0;
     const double tps = tokens_per_step / dt;
     const double mfu = tps * flops_per_token / (job_peak * 1e9);
@@ -293,7 +374,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                           {"step_seconds", dt},
                           {"exchange_fraction", exch / dt},
                           {"expert_imbalance", imbalance},
-                          {"drop_rate", drop}};
+                          {"drop_rate", drop},
+                          {"dead_experts", dead_experts},
+                          {"router_kl", router_kl}};
     if (skipped) rec["skipped"] = true;
     const bool last_step = s + 1 == end_step;
     if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
@@ -355,6 +438,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"tokens_per_s", summary.tokens_per_s},
                          {"mfu", summary.mfu},
                          {"exchange_fraction", time_sum > 0 ? exchange_sum / time_sum : 0},
+                         {"expert_imbalance_mean", steps_done ? imbalance_sum / steps_done : 0},
+                         {"dead_experts", health.last_dead()},
+                         {"router_kl", health.run_kl()},
                          {"peak_gflops", job_peak},
                          {"peak_rss_mb", rss_mb},
                          {"state_mb", state_mb},

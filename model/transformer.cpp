@@ -72,8 +72,12 @@ double ModelConfig::active_params() const {
   double n = 0;
   for (int l = 0; l < n_layers; ++l) {
     n += 4 * d * d + 2 * d;  // attention (fused QKV + output) and the two norm gains
+    // Expert choice: C experts per token on average (C = capacity_factor, or top_k when 0).
+    const double k = moe.router == RouterKind::kExpertChoice && moe.capacity_factor > 0
+                         ? moe.capacity_factor
+                         : moe.top_k;
     if (is_moe(l))
-      n += d * moe.n_experts + moe.top_k * moe_mats * d * static_cast<double>(moe.d_ff);
+      n += d * moe.n_experts + (k + moe.shared_experts) * moe_mats * d * double(moe.d_ff);
     else
       n += ffn_mats * d * static_cast<double>(d_ff);
   }
@@ -137,7 +141,7 @@ void Transformer::collect_params() {
   for (int l = config_.n_layers - 1; l >= 0; --l) {
     Block& b = *blocks_[static_cast<size_t>(l)];
     if (b.moe) {
-      for (ParamRef p : b.moe->router().params()) {
+      for (ParamRef p : b.moe->replicated_params()) {
         p.name = cat("blocks.", l, ".moe.", p.name);
         dense_.push_back(p);
       }
@@ -318,6 +322,19 @@ ConstView Transformer::decode_step(std::span<const int32_t> last,
                                    std::span<SequenceCache* const> caches) {
   ones_.assign(caches.size(), 1);
   return extend(last, ones_, caches);
+}
+
+std::vector<std::pair<std::string, View>> Transformer::buffers() {
+  std::vector<std::pair<std::string, View>> out;
+  for (int l = 0; l < config_.n_layers; ++l)
+    if (MoeLayer* m = moe_layer(l))
+      for (auto& [name, v] : m->buffers()) out.emplace_back(cat("blocks.", l, ".moe.", name), v);
+  return out;
+}
+
+void Transformer::end_step(bool applied) {
+  for (auto& b : blocks_)
+    if (b->moe) b->moe->end_step(applied);
 }
 
 MoeLayer* Transformer::moe_layer(int block) {

@@ -13,9 +13,9 @@
 // the accumulation steps gives the step's mean loss on any rank count.
 //
 // Parameters come in two kinds: dense ones (embedding, norms, attention, dense FFNs, routers,
-// head), replicated on every rank and averaged over ranks; and experts, owned by one rank each
-// and named by their GLOBAL id ("blocks.3.moe.expert.17.w1"), so checkpoints do not depend on
-// the rank count.
+// shared experts, head), replicated on every rank and averaged over ranks; and experts, owned by
+// one rank each and named by their GLOBAL id ("blocks.3.moe.expert.17.w1"), so checkpoints do not
+// depend on the rank count.
 #pragma once
 
 #include <cstdint>
@@ -122,6 +122,11 @@ class Transformer {
   // Names of the dense parameters that take no weight decay (norm gains).
   bool no_decay(const std::string& name) const;
   void zero_grad();
+  // Replicated state outside the optimiser that checkpoints carry (topk_bias router biases,
+  // "blocks.3.moe.router.bias" [1, E]).
+  std::vector<std::pair<std::string, View>> buffers();
+  // After each optimiser step (applied = false: skipped): the routers' bias updates. Local.
+  void end_step(bool applied);
 
   ModelStats stats() const;
   const ModelConfig& config() const { return config_; }

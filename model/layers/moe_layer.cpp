@@ -3,6 +3,8 @@
 #include <chrono>
 
 #include "model/buffers.hpp"
+#include "model/routers/expert_choice.hpp"
+#include "model/routers/topk.hpp"
 
 namespace moe::model {
 
@@ -12,9 +14,29 @@ double seconds_now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-TopKOptions router_options(const MoeConfig& c) {
-  return TopKOptions{c.n_experts,     c.top_k,       c.renormalize,
-                     c.aux_loss_coef, c.z_loss_coef, c.global_balance};
+// y += b, row by row.
+void add_rows(View y, ConstView b) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < y.rows; ++t) {
+    float* yr = y.row(t);
+    const float* br = b.row(t);
+    for (int64_t c = 0; c < y.cols; ++c) yr[c] += br[c];
+  }
+}
+
+std::unique_ptr<Router> make_router(const MoeConfig& c, int64_t d_model,
+                                    const comm::Communicator& comm, uint64_t seed) {
+  if (c.router == RouterKind::kExpertChoice) {
+    ExpertChoiceOptions o;
+    o.n_experts = c.n_experts;
+    o.capacity = c.capacity_factor > 0.0 ? c.capacity_factor : static_cast<double>(c.top_k);
+    return std::make_unique<ExpertChoiceRouter>(d_model, o, &comm, seed);
+  }
+  TopKOptions o{c.n_experts,     c.top_k,       c.renormalize,
+                c.aux_loss_coef, c.z_loss_coef, c.global_balance};
+  o.bias_balance = c.router == RouterKind::kTopKBias;
+  o.bias_update_rate = c.bias_update_rate;
+  return std::make_unique<TopKRouter>(d_model, o, &comm, seed);
 }
 
 }  // namespace
@@ -42,6 +64,26 @@ const char* exchange_mode_name(ExchangeMode m) {
   return "?";
 }
 
+RouterKind parse_router_kind(const std::string& name) {
+  if (name == "topk") return RouterKind::kTopK;
+  if (name == "topk_bias") return RouterKind::kTopKBias;
+  if (name == "expert_choice") return RouterKind::kExpertChoice;
+  throw Error(ErrorKind::kConfig, cat("model.moe.router = '", name,
+                                      "' is not one of topk | topk_bias | expert_choice"));
+}
+
+const char* router_kind_name(RouterKind r) {
+  switch (r) {
+    case RouterKind::kTopK:
+      return "topk";
+    case RouterKind::kTopKBias:
+      return "topk_bias";
+    case RouterKind::kExpertChoice:
+      return "expert_choice";
+  }
+  return "?";
+}
+
 MoeConfig MoeConfig::from(const Config& config) {
   MoeConfig c;
   c.n_experts = static_cast<int>(config.get_int("model.moe.num_experts"));
@@ -56,6 +98,9 @@ MoeConfig MoeConfig::from(const Config& config) {
   c.pipeline_chunks = static_cast<int>(config.get_int("model.moe.pipeline_chunks"));
   c.exchange = parse_exchange_mode(config.get_string("comm.exchange"));
   c.ranks_per_node = static_cast<int>(config.get_int("comm.ranks_per_node"));
+  c.router = parse_router_kind(config.get_string("model.moe.router"));
+  c.bias_update_rate = config.get_float("model.moe.bias_update_rate");
+  c.shared_experts = static_cast<int>(config.get_int("model.moe.shared_experts"));
   if (c.top_k > c.n_experts)
     throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", c.top_k,
                                         " exceeds model.moe.num_experts = ", c.n_experts));
@@ -70,7 +115,7 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
       config_(config),
       placement_(placement),
       comm_(comm),
-      router_(d_model, router_options(config), &comm, seed),
+      router_(make_router(config, d_model, comm, seed)),
       experts_(d_model, config.d_ff, config.activation, placement.local_experts(comm.rank()), seed),
       ex_dispatch_(comm, name_ + ".dispatch",
                    {comm::ExchangeAlgorithm::kFlat, config.ranks_per_node}),
@@ -81,6 +126,9 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
         ErrorKind::kConfig,
         cat(name_, ": placement has ", placement.n_experts(), " experts over ", placement.n_ranks(),
             " ranks; the layer has ", config.n_experts, " experts over ", comm.size(), " ranks"));
+  if (config.shared_experts > 0)
+    shared_ffn_ = std::make_unique<Ffn>(
+        name_ + ".shared", d_model, config.d_ff * config.shared_experts, config.activation, seed);
   if (config.pipeline_chunks < 1)
     throw Error(ErrorKind::kConfig, cat(name_, ": pipeline_chunks ", config.pipeline_chunks));
   const std::string rpn = comm::check_ranks_per_node(config.ranks_per_node, comm.size());
@@ -121,21 +169,33 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
   }
 }
 
+std::vector<ParamRef> MoeLayer::replicated_params() {
+  std::vector<ParamRef> out = router_->params();
+  if (shared_ffn_)
+    for (ParamRef p : shared_ffn_->params()) {
+      p.name =
+          "shared." + p.name.substr(p.name.rfind('.') + 1);  // "<name>.shared.w1" -> "shared.w1"
+      out.push_back(std::move(p));
+    }
+  return out;
+}
+
 std::vector<ParamRef> MoeLayer::params() {
-  std::vector<ParamRef> out = router_.params();
+  std::vector<ParamRef> out = replicated_params();
   for (ParamRef& p : experts_.params()) out.push_back(std::move(p));
   for (ParamRef& p : out) p.name = name_ + "." + p.name;
   return out;
 }
 
 void MoeLayer::zero_grad() {
-  router_.dw().zero();
+  for (ParamRef& p : router_->params()) p.grad.fill(0.0f);
+  if (shared_ffn_) shared_ffn_->zero_grad();
   experts_.zero_grad();
 }
 
 void MoeLayer::combine_weighted(View y) const {
   const int64_t T = y.rows, d = d_;
-  const int k = config_.top_k;
+  const int k = route_.k;
   const std::vector<uint8_t>& kept = plan_.kept();
   const float* w = route_.weight.data();
   ConstView slot_out(slot_out_.data(), T * k, d);
@@ -155,7 +215,7 @@ void MoeLayer::combine_weighted(View y) const {
 
 void MoeLayer::forward(ConstView x, View y) {
   const int64_t T = x.rows, d = d_;
-  const int k = config_.top_k, C = config_.pipeline_chunks;
+  const int C = config_.pipeline_chunks;
   MOE_CHECK_SHAPE(x, T, d, cat(name_, ".forward x"));
   MOE_CHECK_SHAPE(y, T, d, cat(name_, ".forward y"));
   x_ = x;
@@ -163,11 +223,14 @@ void MoeLayer::forward(ConstView x, View y) {
   double expert_s = 0.0;
 
   // route
-  router_.forward(x, route_);
+  router_->forward(x, route_);
+  const int k = route_.k;
   // plan: the whole batch (drops, statistics); with chunks, one dropless plan per chunk over
-  // the slots the whole-batch plan kept.
-  plan_ = comm::DispatchPlan::build(route_.routing(), placement_,
-                                    comm::PlanOptions{config_.capacity_factor}, comm_);
+  // the slots the whole-batch plan kept. Expert choice already applied its capacity.
+  const double capacity =
+      config_.router == RouterKind::kExpertChoice ? 0.0 : config_.capacity_factor;
+  plan_ =
+      comm::DispatchPlan::build(route_.routing(), placement_, comm::PlanOptions{capacity}, comm_);
   chunks_.resize(static_cast<size_t>(C));
   int64_t R = 0;
   for (int c = 0; c < C; ++c) {
@@ -198,6 +261,7 @@ void MoeLayer::forward(ConstView x, View y) {
     expert_s += seconds_now() - t0;
     ex_dispatch_.combine_shared(plan_, slot_out);  // combine
     combine_weighted(y);
+    shared_forward(x, y);
     record_forward_stats(s0, s1, expert_s);
     return;
   }
@@ -232,7 +296,15 @@ void MoeLayer::forward(ConstView x, View y) {
     ex_combine_.combine_wait(last.plan, slot_out.row_range(last.t0 * k, last.nt * k));
   }
   combine_weighted(y);
+  shared_forward(x, y);
   record_forward_stats(s0, s1, expert_s);
+}
+
+void MoeLayer::shared_forward(ConstView x, View y) {
+  if (!shared_ffn_) return;
+  View s = scratch(shared_buf_, x.rows, d_);
+  shared_ffn_->forward(x, s);
+  add_rows(y, s);
 }
 
 void MoeLayer::record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,
@@ -242,6 +314,7 @@ void MoeLayer::record_forward_stats(const comm::ExchangeStats& s0, const comm::E
   stats_.load_balance_loss = route_.load_balance_loss;
   stats_.z_loss = route_.z_loss;
   stats_.aux_loss = route_.aux_loss;
+  stats_.prob_sum = route_.prob_sum;
   stats_.bytes_sent = ex_dispatch_.stats().bytes_sent - s0.bytes_sent +
                       ex_combine_.stats().bytes_sent - s1.bytes_sent;
   stats_.bytes_received = ex_dispatch_.stats().bytes_received - s0.bytes_received +
@@ -253,7 +326,7 @@ void MoeLayer::record_forward_stats(const comm::ExchangeStats& s0, const comm::E
 
 void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
   const int64_t T = x_.rows, d = d_;
-  const int k = config_.top_k, C = config_.pipeline_chunks;
+  const int k = route_.k, C = config_.pipeline_chunks;
   MOE_CHECK_SHAPE(dy, T, d, cat(name_, ".backward dy"));
   MOE_CHECK_SHAPE(dx, T, d, cat(name_, ".backward dx"));
   const comm::ExchangeStats s0 = ex_dispatch_.stats(), s1 = ex_combine_.stats();
@@ -350,7 +423,12 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
       for (int64_t c = 0; c < d; ++c) o[c] += s[c];
     }
   }
-  router_.backward(dweight, aux_scale, dx);  // route^T: dx += ..., dW_r
+  router_->backward(dweight, aux_scale, dx);  // route^T: dx += ..., dW_r
+  if (shared_ffn_) {                          // shared experts^T: dx += their dL/dx
+    View g = scratch(shared_buf_, T, d);
+    shared_ffn_->backward(dy, g);
+    add_rows(dx, g);
+  }
 
   stats_.bytes_sent += ex_dispatch_.stats().bytes_sent - s0.bytes_sent +
                        ex_combine_.stats().bytes_sent - s1.bytes_sent;

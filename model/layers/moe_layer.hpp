@@ -16,6 +16,16 @@
 //   dispatch^T exchange.combine(dxin) -> [T*k, d], summed per token -> dx
 //   route^T    router.backward(dweight) -> dx += ..., dW_r
 // Dropped or empty slots contribute zero (the token keeps its residual outside this layer).
+// k is the routing's slots per token (RouteResult::k: top_k for top-k routers; for expert
+// choice, the most experts any local token got).
+//
+// Routers (model.moe.router, make_router): topk, topk_bias (TopKRouter with loss-free bias
+// balancing) and expert_choice (ExpertChoiceRouter; the router applies the capacity, so the
+// plan is built dropless). Shared experts (model.moe.shared_experts = n > 0): n always-on FFN
+// experts of width f, run on every rank on its own tokens and added to the routed output,
+//   y_t = sum_j w_tj expert_j(x_t) + sum_{s<n} ffn_s(x_t),
+// computed as one dense Ffn of width n f (the sum of n FFNs is one FFN with their hidden units
+// side by side). Their parameters are replicated like the router's (replicated_params()).
 //
 // Exchange (comm.exchange): the MPI path above copies rows into the layer's own xin_ / yout_
 // buffers. When every rank is on one node and pipeline_chunks is 1, the node-local shared path
@@ -50,7 +60,8 @@
 #include "comm/placement.hpp"
 #include "comm/plan.hpp"
 #include "model/experts.hpp"
-#include "model/routers/topk.hpp"
+#include "model/layers/ffn.hpp"
+#include "model/routers/router.hpp"
 #include "runtime/config.hpp"
 
 namespace moe::model {
@@ -63,6 +74,11 @@ enum class ExchangeMode { kAuto, kAlltoallv, kShared, kHierarchical };
 // "auto" | "alltoallv" | "shared" | "hierarchical"
 ExchangeMode parse_exchange_mode(const std::string& name);
 const char* exchange_mode_name(ExchangeMode m);
+
+// model.moe.router.
+enum class RouterKind { kTopK, kTopKBias, kExpertChoice };
+RouterKind parse_router_kind(const std::string& name);  // "topk" | "topk_bias" | "expert_choice"
+const char* router_kind_name(RouterKind r);
 
 // The `model.moe.*` configuration block and `comm.exchange` (runtime/config.cpp documents every
 // key).
@@ -79,6 +95,9 @@ struct MoeConfig {
   int pipeline_chunks = 1;       // 1 = off
   ExchangeMode exchange = ExchangeMode::kAuto;
   int ranks_per_node = 0;  // comm.ranks_per_node: 0 = detect, N > 0 = blocks of N ranks
+  RouterKind router = RouterKind::kTopK;
+  double bias_update_rate = 1e-3;  // topk_bias: gamma
+  int shared_experts = 0;          // always-on experts of width d_ff, replicated
 
   static MoeConfig from(const Config& config);
 };
@@ -90,6 +109,7 @@ struct MoeLoadStats {
   double load_balance_loss = 0;  // unweighted, global
   double z_loss = 0;             // unweighted, global
   double aux_loss = 0;           // weighted, what enters the loss
+  std::vector<double> prob_sum;  // [E] router probability summed over the global batch
   int64_t bytes_sent = 0;        // this rank, this forward + backward
   int64_t bytes_received = 0;
   double exchange_seconds = 0.0;  // this rank, inside exchange calls
@@ -117,14 +137,22 @@ class MoeLayer {
   const RouteResult& route() const { return route_; }
   // The last forward's whole-batch plan (kept() tells which slots survived capacity).
   const comm::DispatchPlan& plan() const { return plan_; }
-  TopKRouter& router() { return router_; }
+  Router& router() { return *router_; }
   ExpertBank& experts() { return experts_; }
   const MoeConfig& config() const { return config_; }
   // The path config.exchange resolved to: kShared, kHierarchical or kAlltoallv.
   ExchangeMode exchange() const { return mode_; }
-  // Router parameters are replicated (all-reduce their gradients over data parallel ranks);
-  // expert parameters live only here.
+  // The shared experts (nullptr without them).
+  Ffn* shared_experts() { return shared_ffn_.get(); }
+  // Router and shared-expert parameters are replicated (all-reduce their gradients over data
+  // parallel ranks); expert parameters live only here. Names are relative ("router.w",
+  // "shared.w1"); params() is both, prefixed with the layer's name.
+  std::vector<ParamRef> replicated_params();
   std::vector<ParamRef> params();
+  // Replicated non-trained state for the checkpoint (Router::buffers()), relative names.
+  std::vector<std::pair<std::string, View>> buffers() { return router_->buffers(); }
+  // After each optimiser step (Router::end_step). Local.
+  void end_step(bool applied) { router_->end_step(applied); }
   void zero_grad();
 
  private:
@@ -138,6 +166,7 @@ class MoeLayer {
     int64_t n_recv() const { return plan.recv_offsets().back(); }
   };
   void combine_weighted(View y) const;
+  void shared_forward(ConstView x, View y);  // y += shared experts(x)
   void record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,
                             double expert_s);
 
@@ -146,7 +175,8 @@ class MoeLayer {
   MoeConfig config_;
   comm::ExpertPlacement placement_;  // a copy: plain data
   const comm::Communicator& comm_;
-  TopKRouter router_;
+  std::unique_ptr<Router> router_;
+  std::unique_ptr<Ffn> shared_ffn_;  // shared experts, or nullptr
   ExpertBank experts_;
   comm::Exchange ex_dispatch_, ex_combine_;       // two, so a dispatch and a combine can overlap
   bool shared_ = false;                           // node-local shared-window path (see the top)
@@ -162,6 +192,7 @@ class MoeLayer {
   Tensor slot_out_;            // [T*k, d] expert output per slot (kept for dweight)
   Tensor slot_grad_;           // [T*k, d] backward: w-scaled dy per slot, then dL/dx per slot
   Tensor dweight_;             // [T, k]
+  Tensor shared_buf_;          // [T, d] shared experts' output; their dx in backward
   MoeLoadStats stats_;
 };
 

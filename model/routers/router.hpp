@@ -2,6 +2,10 @@
 //
 // Notation: T = tokens on this rank, d = model width, E = experts (global), k = slots per token.
 //
+// Routers here: TopKRouter (topk, and topk_bias: loss-free bias balancing) and
+// ExpertChoiceRouter (expert_choice). make_router() in model/layers/moe_layer.cpp picks one from
+// model.moe.router.
+//
 // Every router (top-k softmax, expert-choice, a single gate computed once from early features,
 // product-key retrieval over many tiny experts) answers the same question: for each local token,
 // k slots of (global expert id, combine weight). A slot may be empty (id -1): expert-choice
@@ -15,7 +19,11 @@
 // gradients over ranks (the usual data-parallel all-reduce) gives the full gradient.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/plan.hpp"
@@ -30,6 +38,8 @@ struct RouteResult {
   std::vector<int32_t> expert;        // [T, k] global expert id, -1 = empty slot
   std::vector<float> weight;          // [T, k] combine weight (0 for an empty slot)
   std::vector<int64_t> expert_slots;  // [E] routed (non-empty) slots per expert, global
+  std::vector<double> prob_sum;       // [E] sum over the global batch of the router probability
+                                      // of each expert (for the KL(z || uniform) metric)
   double load_balance_loss = 0.0;     // unweighted, global
   double z_loss = 0.0;                // unweighted, global
   double aux_loss = 0.0;              // coefficient-weighted sum of the above: what enters L
@@ -40,11 +50,27 @@ struct RouteResult {
   }
 };
 
+// p[0, E) <- softmax(p[0, E)) in place (fp32, max-shifted, sum in double); returns the
+// logsumexp of the input logits.
+inline double softmax_inplace(float* p, int E) {
+  float m = p[0];
+  for (int i = 1; i < E; ++i) m = std::max(m, p[i]);
+  double s = 0.0;
+  for (int i = 0; i < E; ++i) {
+    p[i] = std::exp(p[i] - m);
+    s += p[i];
+  }
+  const float inv = static_cast<float>(1.0 / s);
+  for (int i = 0; i < E; ++i) p[i] *= inv;
+  return m + std::log(s);
+}
+
 class Router {
  public:
   virtual ~Router() = default;
   virtual int64_t d_model() const = 0;
   virtual int n_experts() const = 0;
+  // An upper bound of RouteResult::k (the layer reads the actual k from each RouteResult).
   virtual int k() const = 0;
 
   // x [T, d] -> out. Collective over the router's communicator (every rank calls, in the same
@@ -55,6 +81,13 @@ class Router {
   virtual void backward(ConstView dweight, float aux_scale, View dx) = 0;
 
   virtual std::vector<ParamRef> params() = 0;
+
+  // Replicated state that is not trained by the optimiser but belongs in the checkpoint
+  // (topk_bias: the balancing bias b [1, E]). Names are relative ("router.bias").
+  virtual std::vector<std::pair<std::string, View>> buffers() { return {}; }
+  // Called once per optimiser step, after the update (applied = false: the step was skipped).
+  // Local; the statistics it uses are global, so every rank makes the same change.
+  virtual void end_step(bool applied) { (void)applied; }
 };
 
 }  // namespace moe::model

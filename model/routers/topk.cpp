@@ -17,12 +17,38 @@ TopKRouter::TopKRouter(int64_t d_model, const TopKOptions& options, const comm::
   MOE_CHECK(d_model >= 1, "top-k router: d_model ", d_model);
   w_ = Tensor({d_, options.n_experts});
   dw_ = Tensor({d_, options.n_experts});
+  bias_ = Tensor({1, options.n_experts});
+  bias_.zero();
+  load_.assign(static_cast<size_t>(options.n_experts), 0.0);
+  if (options_.bias_balance) options_.aux_loss_coef = 0.0;  // the bias balances instead
   init_uniform(w_.view(), 1.0f / std::sqrt(static_cast<float>(d_)), seed,
                init_stream("router.topk.w", 0));
 }
 
 std::vector<ParamRef> TopKRouter::params() {
   return {{"router.w", w_.view(), dw_.view()}};
+}
+
+std::vector<std::pair<std::string, View>> TopKRouter::buffers() {
+  if (!options_.bias_balance) return {};
+  return {{"router.bias", bias_.view()}};
+}
+
+void TopKRouter::end_step(bool applied) {
+  if (!options_.bias_balance) return;
+  const int E = options_.n_experts;
+  if (applied) {
+    double mean = 0.0;
+    for (int i = 0; i < E; ++i) mean += load_[i];
+    mean /= E;
+    const float gamma = static_cast<float>(options_.bias_update_rate);
+    for (int i = 0; i < E; ++i) {
+      // sign(mean - load_i): underloaded experts become more attractive, overloaded less.
+      const float dir = load_[i] < mean ? 1.0f : (load_[i] > mean ? -1.0f : 0.0f);
+      bias_[i] += gamma * dir;
+    }
+  }
+  std::fill(load_.begin(), load_.end(), 0.0);
 }
 
 void TopKRouter::forward(ConstView x, RouteResult& out) {
@@ -36,6 +62,8 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
   c.lse.resize(T);
   c.expert.resize(T * k);
   c.weight.resize(T * k);
+  const bool biased = options_.bias_balance;
+  const float* bias = bias_.data();
 
   // Local statistics, reduced below in one all-reduce:
   // [count E | prob sum E | z sum | T | rank-scope load-balancing loss].
@@ -46,27 +74,19 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       float* p = probs.row(t);
-      float m = p[0];
-      for (int i = 1; i < E; ++i) m = std::max(m, p[i]);
-      double s = 0.0;
-      for (int i = 0; i < E; ++i) {
-        p[i] = std::exp(p[i] - m);
-        s += p[i];
-      }
-      const float inv = static_cast<float>(1.0 / s);
-      for (int i = 0; i < E; ++i) p[i] *= inv;
-      const double lse = m + std::log(s);
+      const double lse = softmax_inplace(p, E);
       c.lse[t] = static_cast<float>(lse);
-      // Top-k by (p descending, id ascending): k passes, each taking the best remaining.
+      // Top-k by (p [+ b] descending, id ascending): k passes, each taking the best remaining.
       int32_t* ids = &c.expert[t * k];
       float* w = &c.weight[t * k];
       double sel = 0.0;
+      auto score = [&](int i) { return biased ? p[i] + bias[i] : p[i]; };
       for (int j = 0; j < k; ++j) {
         int best = -1;
         for (int i = 0; i < E; ++i) {
           bool taken = false;
           for (int q = 0; q < j; ++q) taken |= ids[q] == i;
-          if (!taken && (best < 0 || p[i] > p[best])) best = i;
+          if (!taken && (best < 0 || score(i) > score(best))) best = i;
         }
         ids[j] = best;
         w[j] = p[best];
@@ -100,6 +120,8 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
   c.n_global = N;
   c.balance_norm = options_.global_balance ? N : static_cast<double>(T) * n_ranks;
   c.f.assign(E, 0.0);
+  c.count.assign(stats.begin(), stats.begin() + E);
+  out.prob_sum.assign(stats.begin() + E, stats.begin() + 2 * E);
   out.n_tokens = T;
   out.k = k;
   out.expert = c.expert;
@@ -128,6 +150,10 @@ void TopKRouter::backward(ConstView dweight, float aux_scale, View dx) {
   const int E = options_.n_experts, k = options_.k;
   MOE_CHECK_SHAPE(dweight, T, k, "topk_router.backward dweight");
   MOE_CHECK_SHAPE(dx, T, d_, "topk_router.backward dx");
+  // A training micro-step: its global load counts toward the next bias update (every rank
+  // adds the same global counts, also with T = 0).
+  if (options_.bias_balance)
+    for (int i = 0; i < E; ++i) load_[i] += c.count.empty() ? 0.0 : c.count[i];
   if (T == 0) return;
   ConstView probs(c.probs.data(), T, E);
   View dlogits = scratch(c.dlogits, T, E);

@@ -12,6 +12,17 @@
 //   aux_loss = aux_loss_coef * LB + z_loss_coef * Z
 // f_i is a count (no gradient), as in Switch. With a null communicator this rank is the whole
 // batch (unit tests, single process).
+//
+// Loss-free bias balancing (model.moe.router: topk_bias, DeepSeek-V3): a bias b [E] (not
+// trained by the optimiser; replicated, checkpointed) enters only the SELECTION,
+//   slots  = the k largest p_ti + b_i per token (ties: the lower expert id),
+// while the weights stay p_sel (renormalised or not, as above) and the backward is unchanged.
+// After each optimiser step (end_step), with load_i the slots routed to i over the global batch
+// of every training micro-step since the previous update (counted in backward, so evaluation
+// forwards do not count):
+//   b_i <- b_i + gamma * sign(mean_j load_j - load_i)
+// The load-balancing loss is still computed and reported, but its coefficient is 0 in this
+// mode (the bias does the balancing); the z-loss applies as configured.
 #pragma once
 
 #include "comm/communicator.hpp"
@@ -32,6 +43,9 @@ struct TopKOptions {
   // micro-batch) the same on any rank count, so only it gives rank-count-independent training.
   // The z-loss is a mean over tokens and is the same either way.
   bool global_balance = true;
+  // Loss-free bias balancing (see the top); gamma = bias_update_rate.
+  bool bias_balance = false;
+  double bias_update_rate = 1e-3;
 };
 
 class TopKRouter final : public Router {
@@ -48,16 +62,23 @@ class TopKRouter final : public Router {
   void forward(ConstView x, RouteResult& out) override;
   void backward(ConstView dweight, float aux_scale, View dx) override;
   std::vector<ParamRef> params() override;
+  std::vector<std::pair<std::string, View>> buffers() override;
+  void end_step(bool applied) override;
 
   Tensor& w() { return w_; }
   Tensor& dw() { return dw_; }
+  Tensor& bias() { return bias_; }  // [1, E], zero unless bias_balance
+  // Slots routed to each expert (global) since the last end_step; bias_balance only.
+  const std::vector<double>& pending_load() const { return load_; }
 
  private:
   int64_t d_;
   TopKOptions options_;
   const comm::Communicator* comm_;
-  Tensor w_;   // [d, E]
-  Tensor dw_;  // [d, E]
+  Tensor w_;                  // [d, E]
+  Tensor dw_;                 // [d, E]
+  Tensor bias_;               // [1, E] selection bias b (bias_balance)
+  std::vector<double> load_;  // [E] global routed slots since the last end_step
   struct Cache {
     ConstView x;                  // [T, d] borrowed input
     Tensor probs;                 // [T, E] softmax
@@ -66,6 +87,7 @@ class TopKRouter final : public Router {
     std::vector<int32_t> expert;  // [T, k]
     std::vector<float> weight;    // [T, k]
     std::vector<double> f;        // [E] global slot fractions f_i
+    std::vector<double> count;    // [E] global routed slots per expert
     double n_global = 0.0;        // N
     double balance_norm = 0.0;    // N (global scope) or T * P (rank scope)
   } cache_;

@@ -6,11 +6,17 @@
 // layer with every exchange (comm.exchange alltoallv, and, where they apply (no pipelining),
 // shared on one node and hierarchical on a forced layout of P/2 nodes x 2 ranks at np 4, 2 x 1
 // at np 2, 1 x 1 at np 1); shared and hierarchical must also be bitwise equal to alltoallv.
+// The same holds for every router (topk, topk_bias with a non-zero bias, expert_choice) and
+// with shared experts; expert choice gives every expert exactly c = ceil(N C / E) tokens and
+// breaks equal scores by global token index.
 #include "model/layers/moe_layer.hpp"
+#include "model/routers/topk.hpp"
 #include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <functional>
 #include <random>
 #include <string>
@@ -24,6 +30,7 @@ using moe::model::Activation;
 using moe::model::ExchangeMode;
 using moe::model::MoeConfig;
 using moe::model::MoeLayer;
+using moe::model::RouterKind;
 
 using moe::test::randomize;
 
@@ -58,9 +65,27 @@ std::vector<int64_t> even_shard(int64_t T, int P) {
 
 // What a distributed run leaves behind, for the bitwise comparison of the two exchanges.
 struct Outcome {
-  Tensor y, dx, dw_router;
-  std::vector<Tensor> dw_experts;  // dW1, dW2 per local expert
+  Tensor y, dx;
+  std::vector<Tensor> dw_replicated;  // router and shared experts, this rank's sums
+  std::vector<Tensor> dw_experts;     // dW1, dW2 per local expert
 };
+
+Tensor clone_of(ConstView v) {
+  Tensor t({v.rows, v.cols});
+  moe::copy(v, t.view());
+  return t;
+}
+
+// The router's weight W_r [d, E] (every router's first parameter).
+View router_w(MoeLayer& l) {
+  return l.router().params()[0].value;
+}
+
+// Expert choice's c for N global tokens.
+int64_t expert_choice_c(const MoeConfig& c, int64_t N) {
+  const double C = c.capacity_factor > 0 ? c.capacity_factor : c.top_k;
+  return std::min<int64_t>(N, static_cast<int64_t>(std::ceil(N * C / c.n_experts)));
+}
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {
   if (a.numel() != b.numel()) return false;
@@ -103,6 +128,9 @@ Outcome run_mode(const Case& c, ExchangeMode mode) {
   if (mode == ExchangeMode::kHierarchical) cfg.ranks_per_node = hier_ranks_per_node(P);
   MoeLayer layer("moe", d, cfg, placement, world, 1234);
   EXPECT_EQ(layer.exchange(), mode);
+  // Replicated weights as the reference's (shared experts are initialised from the layer name).
+  for (size_t i = 0; i < layer.replicated_params().size(); ++i)
+    moe::copy(ref.replicated_params()[i].value, layer.replicated_params()[i].value);
   if (c.tweak) c.tweak(layer);
   std::vector<int64_t> b = c.shard ? c.shard(T, P) : even_shard(T, P);
   const int64_t t0 = b[rank], nt = b[rank + 1] - b[rank];
@@ -118,12 +146,19 @@ Outcome run_mode(const Case& c, ExchangeMode mode) {
   EXPECT_LT(moe::max_rel_error(dx.view(), ConstView(dx_ref.view()).row_range(t0, nt)), kTol);
   EXPECT_NEAR(layer.aux_loss(), ref.aux_loss(), 1e-6 * (1 + ref.aux_loss()));
 
-  // Router: replicated weights, gradient summed over the data-parallel ranks.
-  Tensor dwr = layer.router().dw().clone();
-  world.allreduce_sum(dwr.data(), dwr.numel());
-  Tensor dwr_ref = ref.router().dw().clone();
-  for (int64_t i = 0; i < dwr_ref.numel(); ++i) dwr_ref[i] *= 2;
-  EXPECT_LT(moe::max_rel_error(dwr.view(), dwr_ref.view()), kTol) << "router dW";
+  // Router and shared experts: replicated weights, gradient summed over the data-parallel ranks.
+  Outcome out{y.clone(), dx.clone(), {}, {}};
+  std::vector<moe::model::ParamRef> rep = layer.replicated_params(),
+                                    rep_ref = ref.replicated_params();
+  EXPECT_EQ(rep.size(), rep_ref.size());
+  for (size_t i = 0; i < std::min(rep.size(), rep_ref.size()); ++i) {
+    out.dw_replicated.push_back(clone_of(rep[i].grad));
+    Tensor g = clone_of(rep[i].grad);
+    world.allreduce_sum(g.data(), g.numel());
+    Tensor g_ref = clone_of(rep_ref[i].grad);
+    for (int64_t j = 0; j < g_ref.numel(); ++j) g_ref[j] *= 2;
+    EXPECT_LT(moe::max_rel_error(g.view(), g_ref.view(), 1e-3), kTol) << rep[i].name;
+  }
 
   // Experts by global id (the reference holds expert g in slot g).
   const std::vector<int>& ids = layer.experts().global_ids();
@@ -145,12 +180,27 @@ Outcome run_mode(const Case& c, ExchangeMode mode) {
   EXPECT_EQ(s.expert_tokens, sr.expert_tokens);
   EXPECT_EQ(s.slots_total, sr.slots_total);
   EXPECT_EQ(s.slots_dropped, sr.slots_dropped);
-  if (c.config.capacity_factor == 0.0) {
+  if (c.config.capacity_factor == 0.0 || c.config.router == RouterKind::kExpertChoice) {
     EXPECT_EQ(s.slots_dropped, 0);
   }
-  EXPECT_EQ(s.slots_total, T * k);
-
-  Outcome out{y.clone(), dx.clone(), layer.router().dw().clone(), {}};
+  if (c.config.router == RouterKind::kExpertChoice) {
+    // Every expert takes exactly c tokens of the global batch.
+    const int64_t cap = expert_choice_c(c.config, T);
+    for (int e = 0; e < c.config.n_experts; ++e) EXPECT_EQ(s.expert_tokens[e], cap) << e;
+    EXPECT_EQ(s.slots_total, cap * c.config.n_experts);
+    // The same (token, expert) choices as the reference, token by token.
+    const auto &r = layer.route(), &rr = ref.route();
+    for (int64_t t = 0; t < nt; ++t) {
+      std::vector<int> got, want;
+      for (int j = 0; j < r.k; ++j)
+        if (r.expert[t * r.k + j] >= 0) got.push_back(r.expert[t * r.k + j]);
+      for (int j = 0; j < rr.k; ++j)
+        if (rr.expert[(t0 + t) * rr.k + j] >= 0) want.push_back(rr.expert[(t0 + t) * rr.k + j]);
+      EXPECT_EQ(got, want) << "token " << t0 + t;
+    }
+  } else {
+    EXPECT_EQ(s.slots_total, T * k);
+  }
   for (int e = 0; e < static_cast<int>(ids.size()); ++e) {
     for (View g : {layer.experts().dw1(e), layer.experts().dw2(e)}) {
       Tensor t({g.rows, g.cols});
@@ -164,7 +214,9 @@ Outcome run_mode(const Case& c, ExchangeMode mode) {
 void expect_bitwise_equal(const Outcome& a, const Outcome& b) {
   EXPECT_TRUE(bitwise_equal(a.y, b.y)) << "y";
   EXPECT_TRUE(bitwise_equal(a.dx, b.dx)) << "dx";
-  EXPECT_TRUE(bitwise_equal(a.dw_router, b.dw_router)) << "router dW";
+  ASSERT_EQ(a.dw_replicated.size(), b.dw_replicated.size());
+  for (size_t i = 0; i < a.dw_replicated.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(a.dw_replicated[i], b.dw_replicated[i])) << "replicated " << i;
   ASSERT_EQ(a.dw_experts.size(), b.dw_experts.size());
   for (size_t i = 0; i < a.dw_experts.size(); ++i)
     EXPECT_TRUE(bitwise_equal(a.dw_experts[i], b.dw_experts[i])) << "expert dW " << i;
@@ -199,7 +251,7 @@ MoeConfig config(Activation act, double capacity, int chunks, int k = 2) {
 
 // Every token to expert 3: a constant feature that only expert 3's router column sees.
 void hot_expert(MoeLayer& l) {
-  View w = l.router().w().view();
+  View w = router_w(l);
   for (int64_t e = 0; e < w.cols; ++e) w(0, e) = e == 3 ? 4.0f : 0.0f;
 }
 void hot_feature(View x) {
@@ -254,6 +306,91 @@ TEST(MoeLayer, RankWithNoTokens) {
     }
 }
 
+MoeConfig with_router(MoeConfig c, RouterKind r, int shared = 0) {
+  c.router = r;
+  c.shared_experts = shared;
+  return c;
+}
+
+// topk_bias: a bias that changes the selection (expert 5 favoured, expert 0 avoided).
+void biased(MoeLayer& l) {
+  auto& r = dynamic_cast<moe::model::TopKRouter&>(l.router());
+  for (int e = 0; e < 8; ++e) r.bias()[e] = e == 5 ? 0.3f : (e == 0 ? -0.3f : 0.01f * e);
+}
+
+TEST(MoeLayerRouters, TopKBias) {
+  for (double capacity : {0.0, 1.0})
+    for (int chunks : {1, 3}) {
+      Case c = make_case("topk_bias", with_router(config(Activation::kGelu, capacity, chunks),
+                                                  RouterKind::kTopKBias));
+      c.tweak = biased;
+      run_case(c);
+    }
+}
+
+TEST(MoeLayerRouters, ExpertChoice) {
+  for (double capacity : {0.0, 1.5})
+    for (int chunks : {1, 3}) {
+      Case c = make_case("expert_choice", with_router(config(Activation::kSwiglu, capacity, chunks),
+                                                      RouterKind::kExpertChoice));
+      run_case(c);
+    }
+}
+
+TEST(MoeLayerRouters, ExpertChoiceRankWithNoTokensAndTinyBatch) {
+  Case c = make_case("ec-empty-rank",
+                     with_router(config(Activation::kGelu, 0.0, 1), RouterKind::kExpertChoice));
+  c.shard = empty_rank_1;
+  run_case(c);
+  Case tiny = make_case("ec-tiny",
+                        with_router(config(Activation::kGelu, 0.0, 2), RouterKind::kExpertChoice));
+  tiny.tokens = 3;  // c = ceil(3 * 2 / 8) = 1
+  run_case(tiny);
+}
+
+TEST(MoeLayerRouters, SharedExperts) {
+  run_case(make_case("shared-topk",
+                     with_router(config(Activation::kGelu, 0.0, 1), RouterKind::kTopK, 2)));
+  run_case(make_case(
+      "shared-ec", with_router(config(Activation::kSwiglu, 0.0, 3), RouterKind::kExpertChoice, 1)));
+  Case c = make_case("shared-bias",
+                     with_router(config(Activation::kGelu, 1.0, 1), RouterKind::kTopKBias, 1));
+  c.tweak = biased;
+  run_case(c);
+}
+
+TEST(MoeLayerRouters, ExpertChoiceTiesGoToLowerGlobalTokens) {
+  // Identical tokens score identically: every expert takes the c lowest global token indices,
+  // whatever the rank count, so tokens [0, c) get all E experts and the others none.
+  auto same_rows = [](View x) {
+    for (int64_t t = 1; t < x.rows; ++t)
+      for (int64_t j = 0; j < x.cols; ++j) x(t, j) = x(0, j);
+  };
+  Case c = make_case("ec-ties",
+                     with_router(config(Activation::kGelu, 0.0, 1), RouterKind::kExpertChoice));
+  c.tweak_x = same_rows;
+  run_case(c);
+
+  Communicator world = Communicator::world();
+  const int P = world.size(), rank = world.rank();
+  const int64_t T = 53, d = 16;
+  MoeLayer layer("ties", d, c.config, ExpertPlacement::blocked(8, P), world, 5);
+  Tensor x({T, d}), y({T, d});
+  randomize(x.view(), 9);
+  same_rows(x.view());
+  std::vector<int64_t> b = even_shard(T, P);
+  const int64_t t0 = b[rank], nt = b[rank + 1] - b[rank];
+  layer.forward(ConstView(x.view()).row_range(t0, nt), y.view().row_range(0, nt));
+  const int64_t cap = expert_choice_c(c.config, T);
+  EXPECT_EQ(cap, 14);
+  const auto& r = layer.route();
+  for (int64_t t = 0; t < nt; ++t) {
+    int n = 0;
+    for (int j = 0; j < r.k; ++j) n += r.expert[t * r.k + j] >= 0;
+    EXPECT_EQ(n, t0 + t < cap ? 8 : 0) << "global token " << t0 + t;
+  }
+}
+
 TEST(MoeLayer, FewerTokensThanChunks) {
   Case c = make_case("tiny", config(Activation::kGelu, 0.0, 4));
   c.tokens = 3;
@@ -304,8 +441,18 @@ TEST(MoeLayer, DirectionalDerivativesMatchFiniteDifferences) {
   // ~1e-6 relative: tolerance 5e-5 + 1e-3 |fd|. Scaling dweight by 0.9 fails it.
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
-  for (int chunks : {1, 2}) {
-    MoeConfig cfg = config(Activation::kSwiglu, 0.0, chunks);
+  struct Variant {
+    RouterKind router;
+    int shared, chunks;
+  };
+  for (Variant v :
+       {Variant{RouterKind::kTopK, 0, 1}, Variant{RouterKind::kTopK, 0, 2},
+        Variant{RouterKind::kExpertChoice, 0, 1}, Variant{RouterKind::kExpertChoice, 1, 2},
+        Variant{RouterKind::kTopKBias, 1, 1}}) {
+    const int chunks = v.chunks;
+    SCOPED_TRACE(std::string(moe::model::router_kind_name(v.router)) + " shared " +
+                 std::to_string(v.shared));
+    MoeConfig cfg = with_router(config(Activation::kSwiglu, 0.0, chunks), v.router, v.shared);
     cfg.aux_loss_coef = 0.5;
     cfg.z_loss_coef = 0.2;
     ExpertPlacement one = ExpertPlacement::blocked(cfg.n_experts, 1);
