@@ -96,7 +96,8 @@ void finite_differences(bool bn) {
   Tensor dwq = snapshot(layer.dwq()), dk1 = snapshot(layer.dkeys1()),
          dk2 = snapshot(layer.dkeys2()), du = snapshot(layer.du()), dv = snapshot(layer.dv()),
          dg = snapshot(layer.dbn_gain()), db = snapshot(layer.dbn_bias());
-  const double tol = 2e-2;  // float32 forward, h = 1e-2: relative to the largest gradient
+  // float32 forward, h = 2e-3; relative to the largest gradient (seen: < 5e-4).
+  const double tol = 2e-3;
   fd_check("x", layer, x.view(), r.view(), x.view(), dx.view(), 40, tol);
   fd_check("wq", layer, x.view(), r.view(), layer.wq(), dwq.view(), 40, tol);
   fd_check("keys1", layer, x.view(), r.view(), layer.keys1(), dk1.view(), 30, tol);
