@@ -43,11 +43,12 @@ int64_t AdamW::find(const std::string& name) const {
 }
 
 void AdamW::step(double lr) {
-  for (Slot& s : slots_) adamw_update(s.param.value, s.param.grad, s.state, lr, s.decay, options_);
+  for (Slot& s : slots_)
+    adamw_update(s.param.value, s.param.grad, s.state, lr, s.decay, options_, s.param.sparse_rows);
 }
 
 void adamw_update(View value, ConstView grad, AdamState& state, double lr, bool decay,
-                  const AdamWOptions& o) {
+                  const AdamWOptions& o, const std::vector<int64_t>* rows) {
   const int64_t t = ++state.step;
   const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
@@ -61,8 +62,10 @@ void adamw_update(View value, ConstView grad, AdamState& state, double lr, bool 
   const int64_t cols = value.cols;
   float* m = state.m.data();
   float* v = state.v.data();
-#pragma omp parallel for schedule(static) if (value.size() > 65536)
-  for (int64_t i = 0; i < value.rows; ++i) {
+  const int64_t n_rows = rows ? static_cast<int64_t>(rows->size()) : value.rows;
+#pragma omp parallel for schedule(static) if (n_rows * cols > 65536)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t i = rows ? (*rows)[static_cast<size_t>(r)] : r;
     float* p = value.row(i);
     const float* g = grad.row(i);
     float* mi = m + i * cols;

@@ -78,8 +78,13 @@ class AdamW {
 };
 
 // One AdamW update of one parameter (the formula above), t = state.step + 1 afterwards.
+// Sparse form (rows != nullptr, a parameter with ParamRef::sparse_rows): only the listed rows
+// change, weights, decay and moments alike; the others keep their values and their (stale)
+// moments until a step touches them again. The bias correction uses the parameter's step
+// count t, as PyTorch's SparseAdam does, so the state is still (m, v, t) and checkpoints are
+// unchanged.
 void adamw_update(View value, ConstView grad, AdamState& state, double lr, bool decay,
-                  const AdamWOptions& options);
+                  const AdamWOptions& options, const std::vector<int64_t>* rows = nullptr);
 
 // Linear warmup then cosine decay, for optimiser step s = 0, 1, ... (0-based, the step being
 // taken):

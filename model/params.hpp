@@ -19,6 +19,9 @@ struct ParamRef {
   std::string name;
   View value;
   View grad;
+  // Row-sparse gradient (the PEER tables): only these rows of grad may be non-zero, and the
+  // optimiser updates only them. nullptr: dense.
+  const std::vector<int64_t>* sparse_rows = nullptr;
 };
 
 // A stream id from a tag and an index, e.g. init_stream("expert.w1", global_id).

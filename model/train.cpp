@@ -235,7 +235,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   };
   std::vector<checkpoint::TensorEntry> dense_entries;
   for (const ParamRef& p : model.dense_params()) dense_entries.push_back(entry(p.name, p.value));
-  // Router biases (topk_bias): replicated, no optimiser state.
+  // Router biases (topk_bias), PEER batch-norm statistics: replicated, no optimiser state.
   for (auto& [name, value] : model.buffers())
     dense_entries.push_back({name, value, {}, {}, nullptr});
   std::vector<checkpoint::ExpertEntry> expert_entries;
@@ -253,6 +253,26 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       x.tensors.back().name = "w1";
       x.tensors.push_back(entry(prefix + "w2", bank.w2(e)));
       x.tensors.back().name = "w2";
+      expert_entries.push_back(std::move(x));
+    }
+  }
+  // PEER tables by (block, block of n_sub_keys rows = expert ids i n .. i n + n - 1).
+  for (int l = 0; l < mc->n_layers; ++l) {
+    PeerLayer* peer = model.peer_layer(l);
+    if (!peer) continue;
+    const int64_t n = peer->config().n_sub_keys;
+    for (int b = 0; b < peer->n_blocks_local(); ++b) {
+      checkpoint::ExpertEntry x;
+      x.layer = l;
+      x.expert = peer->first_block() + b;
+      for (const char* t : {"u", "v"}) {
+        checkpoint::TensorEntry e = entry(cat("blocks.", l, ".peer.", t), View());
+        e.name = t;
+        e.value = (t[0] == 'u' ? peer->u() : peer->v()).row_range(int64_t{b} * n, n);
+        e.adam_m = e.adam_m.row_range(int64_t{b} * n, n);
+        e.adam_v = e.adam_v.row_range(int64_t{b} * n, n);
+        x.tensors.push_back(e);
+      }
       expert_entries.push_back(std::move(x));
     }
   }
@@ -304,6 +324,10 @@ TrainSummary train(const Config& config, const TrainOptions& options,
              mc->active_params() / 1e6, "M active parameters; batch ", shape.global_batch, " x ", T,
              " tokens = ", P, " ranks x ", m, " x ", shape.accumulation, " accumulation; steps ",
              start_step, " -> ", end_step, " of ", total_steps, "; peak ", job_peak, " GFLOP/s");
+  if (mc->peer_layer >= 0)
+    log::info0("PEER in block ", mc->peer_layer, ": ", mc->peer.n_experts(), " experts, ",
+               mc->peer.heads, " heads x top-", mc->peer.top_k, ", d_key ", mc->peer.d_key,
+               ", batch norm ", mc->peer.batch_norm ? "on" : "off");
 
   TrainSummary summary;
   summary.first_step = start_step;
@@ -311,6 +335,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   double time_sum = 0, tokens_sum = 0, exchange_sum = 0, imbalance_sum = 0;
   RouterHealth health(model);
   int64_t steps_done = 0, steps_skipped = 0;
+  const int64_t peer_usage_window = config.get_int("model.peer.usage_window");
   for (int64_t s = start_step; s < end_step; ++s) {
     const double t0 = now_s();
     model.zero_grad();
@@ -378,6 +403,12 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                           {"dead_experts", dead_experts},
                           {"router_kl", router_kl}};
     if (skipped) rec["skipped"] = true;
+    for (int l = 0; l < mc->n_layers; ++l)  // PEER usage since the last window boundary
+      if (PeerLayer* peer = model.peer_layer(l)) {
+        const PeerUsage u = peer->usage((s + 1) % peer_usage_window == 0);
+        rec["peer_usage"] = u.usage;
+        rec["peer_kl"] = u.kl_uniform;
+      }
     const bool last_step = s + 1 == end_step;
     if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
       const double val = evaluate(model, *val_data, shape, seed, eval_batches, comm);

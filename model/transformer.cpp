@@ -49,6 +49,14 @@ ModelConfig ModelConfig::from(const Config& c, int64_t data_vocab) {
   m.rope_base = c.get_float("model.rope_base");
   m.moe_every_n = static_cast<int>(c.get_int("model.moe.every_n_layers"));
   m.moe = MoeConfig::from(c);
+  if (c.get_string("model.moe.kind") == "peer") {
+    m.moe_every_n = 0;
+    m.peer = PeerConfig::from(c);
+    m.peer_layer = m.peer.layer < 0 ? m.n_layers / 2 : m.peer.layer;
+    if (m.peer_layer >= m.n_layers)
+      throw Error(ErrorKind::kConfig, cat("model.peer.layer = ", m.peer.layer,
+                                          " is not a block of model.n_layers = ", m.n_layers));
+  }
   if (m.d_model % m.n_heads != 0 || (m.d_model / m.n_heads) % 2 != 0)
     throw Error(ErrorKind::kConfig,
                 cat("model.n_heads = ", m.n_heads, " must divide model.d_model = ", m.d_model,
@@ -78,6 +86,9 @@ double ModelConfig::active_params() const {
                          : moe.top_k;
     if (is_moe(l))
       n += d * moe.n_experts + (k + moe.shared_experts) * moe_mats * d * double(moe.d_ff);
+    else if (is_peer(l))  // query networks, then one u and one v row per retrieved expert
+      n += d * static_cast<double>(peer.heads * peer.d_key) +
+           2.0 * d * static_cast<double>(peer.heads * peer.top_k);
     else
       n += ffn_mats * d * static_cast<double>(d_ff);
   }
@@ -91,9 +102,10 @@ double ModelConfig::flops_per_token(int64_t seq_len) const {
 struct Transformer::Block {
   std::unique_ptr<RmsNorm> norm1, norm2;
   std::unique_ptr<Attention> attn;
-  std::unique_ptr<Ffn> ffn;       // dense blocks
-  std::unique_ptr<MoeLayer> moe;  // MoE blocks
-  Tensor h1, x1, h2, out;         // [N, d]: norm1 output, mid residual, norm2 output, scratch
+  std::unique_ptr<Ffn> ffn;         // dense blocks
+  std::unique_ptr<MoeLayer> moe;    // MoE blocks
+  std::unique_ptr<PeerLayer> peer;  // the PEER block
+  Tensor h1, x1, h2, out;           // [N, d]: norm1 output, mid residual, norm2 output, scratch
   // Ranges of dense_params() finished by each backward stage.
   size_t ffn_params_end = 0, norm2_end = 0, attn_end = 0, norm1_end = 0;
 };
@@ -115,6 +127,8 @@ Transformer::Transformer(const ModelConfig& config, const comm::Communicator& co
     b->norm2 = std::make_unique<RmsNorm>(p + "norm2", d, config.norm_eps);
     if (config.is_moe(l))
       b->moe = std::make_unique<MoeLayer>(p + "moe", d, config.moe, placement_, comm, seed);
+    else if (config.is_peer(l))
+      b->peer = std::make_unique<PeerLayer>(p + "peer", d, config.peer, comm, seed);
     else
       b->ffn = std::make_unique<Ffn>(p + "ffn", d, config.d_ff, config.activation, seed);
     blocks_.push_back(std::move(b));
@@ -149,6 +163,9 @@ void Transformer::collect_params() {
         p.name = cat("blocks.", l, ".moe.", p.name);
         experts_.push_back(p);
       }
+    } else if (b.peer) {
+      take(b.peer->dense_params());
+      for (ParamRef& p : b.peer->table_params()) experts_.push_back(p);
     } else {
       take(b.ffn->params());
     }
@@ -168,12 +185,24 @@ bool Transformer::no_decay(const std::string& name) const {
     std::string t(s);
     return name.size() >= t.size() && name.compare(name.size() - t.size(), t.size(), t) == 0;
   };
-  return ends_with(".gain") || ends_with(".b_qkv") || ends_with(".b_o");
+  return ends_with(".gain") || ends_with(".b_qkv") || ends_with(".b_o") || ends_with(".bias");
 }
 
 void Transformer::zero_grad() {
   for (auto& p : dense_) p.grad.fill(0.0f);
-  for (auto& p : experts_) p.grad.fill(0.0f);
+  for (auto& p : experts_)
+    if (!p.sparse_rows) p.grad.fill(0.0f);
+  for (auto& b : blocks_)
+    if (b->peer) b->peer->zero_grad();  // only the rows it touched
+}
+
+void Transformer::set_peer_training(bool training) {
+  for (auto& b : blocks_)
+    if (b->peer) b->peer->set_training(training);
+}
+
+PeerLayer* Transformer::peer_layer(int block) {
+  return blocks_[static_cast<size_t>(block)]->peer.get();
 }
 
 void Transformer::run_block(int l, int64_t n,
@@ -189,6 +218,8 @@ void Transformer::run_block(int l, int64_t n,
   b.norm2->forward(x1, h2);
   if (b.moe)
     b.moe->forward(h2, out);
+  else if (b.peer)
+    b.peer->forward(h2, out);
   else
     b.ffn->forward(h2, out);
   add(x1, out, rows(x_[static_cast<size_t>(l) + 1], n, d));
@@ -214,6 +245,7 @@ double Transformer::forward(std::span<const int32_t> windows, int64_t n_seq, int
       targets_[static_cast<size_t>(s * seq_len + t)] =
           windows[static_cast<size_t>(s * (seq_len + 1) + t + 1)];
     }
+  set_peer_training(true);
   embed_->forward(ids_, rows(x_[0], n, d));
   run_blocks(n, n_seq);
   View h = rows(h_final_, n, d);
@@ -237,6 +269,8 @@ void Transformer::backward(float aux_scale, const std::function<void(size_t)>& o
     Block& b = *blocks_[static_cast<size_t>(l)];
     if (b.moe)
       b.moe->backward(g, tmp, aux_scale);
+    else if (b.peer)
+      b.peer->backward(g, tmp);
     else
       b.ffn->backward(g, tmp);
     ready_until(b.ffn_params_end);
@@ -258,6 +292,7 @@ ConstView Transformer::last_logits(std::span<const int32_t> ids, int64_t n_seq, 
   MOE_CHECK_EQ(static_cast<int64_t>(ids.size()), n, "ids");
   n_tokens_ = n;
   n_seq_ = n_seq;
+  set_peer_training(false);
   embed_->forward(ids, rows(x_[0], n, d));
   run_blocks(n, n_seq);
   // Only the last position of each sequence goes through the final norm and the head.
@@ -298,6 +333,7 @@ ConstView Transformer::extend(std::span<const int32_t> ids, std::span<const int6
     MOE_CHECK_EQ(static_cast<int>(c->layers.size()), config_.n_layers, "extend: cache blocks");
   n_tokens_ = n;
   n_seq_ = B;
+  set_peer_training(false);
   embed_->forward(ids, rows(x_[0], n, d));
   run_blocks_cached(n, n_new, caches);
   // Only each sequence's last new position goes through the final norm and the head.
@@ -329,6 +365,9 @@ std::vector<std::pair<std::string, View>> Transformer::buffers() {
   for (int l = 0; l < config_.n_layers; ++l)
     if (MoeLayer* m = moe_layer(l))
       for (auto& [name, v] : m->buffers()) out.emplace_back(cat("blocks.", l, ".moe.", name), v);
+  for (auto& b : blocks_)
+    if (b->peer)
+      for (ParamRef& p : b->peer->buffers()) out.emplace_back(p.name, p.value);
   return out;
 }
 

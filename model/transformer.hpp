@@ -32,6 +32,7 @@
 #include "model/layers/ffn.hpp"
 #include "model/layers/lm_head.hpp"
 #include "model/layers/moe_layer.hpp"
+#include "model/layers/peer.hpp"
 #include "model/layers/rms_norm.hpp"
 #include "runtime/config.hpp"
 
@@ -47,13 +48,16 @@ struct ModelConfig {
   bool tie_embeddings = true;
   float norm_eps = 1e-5f;
   double rope_base = 10000.0;
-  int moe_every_n = 1;  // 0: dense model
+  int moe_every_n = 1;  // 0: dense model (also when model.moe.kind is peer)
   MoeConfig moe;
+  int peer_layer = -1;  // model.moe.kind peer: the block whose FFN is PEER (resolved), else -1
+  PeerConfig peer;
 
   // Reads model.* from the config; vocab_size 0 there means data_vocab. Throws kConfig errors
   // naming the keys (heads not dividing d_model, a vocabulary smaller than the data's, ...).
   static ModelConfig from(const Config& config, int64_t data_vocab);
   bool is_moe(int layer) const { return moe_every_n > 0 && (layer + 1) % moe_every_n == 0; }
+  bool is_peer(int layer) const { return layer == peer_layer; }
   int n_moe_layers() const;
   // Parameters per token that a forward touches (top_k of the E experts), excluding the
   // embedding table (the reference's N_active): 6 N_active + 12 L T d FLOPs per token.
@@ -123,7 +127,7 @@ class Transformer {
   bool no_decay(const std::string& name) const;
   void zero_grad();
   // Replicated state outside the optimiser that checkpoints carry (topk_bias router biases,
-  // "blocks.3.moe.router.bias" [1, E]).
+  // "blocks.3.moe.router.bias" [1, E]; PEER batch-norm running statistics).
   std::vector<std::pair<std::string, View>> buffers();
   // After each optimiser step (applied = false: skipped): the routers' bias updates. Local.
   void end_step(bool applied);
@@ -135,6 +139,8 @@ class Transformer {
   MoeLayer* moe_layer(int block);
   // Every MoE layer, in block order (for load statistics).
   std::vector<const MoeLayer*> moe_layers() const;
+  // The PEER layer of block l, or nullptr.
+  PeerLayer* peer_layer(int block);
 
  private:
   struct Block;
@@ -147,6 +153,7 @@ class Transformer {
   void run_blocks_cached(int64_t n_tokens, std::span<const int64_t> n_new,
                          std::span<SequenceCache* const> caches);
   void collect_params();
+  void set_peer_training(bool training);  // batch statistics (forward) or running (inference)
 
   ModelConfig config_;
   const comm::Communicator& comm_;
