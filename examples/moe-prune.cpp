@@ -107,8 +107,8 @@ int main(int argc, char** argv) {
         "All2All per decode step (%lld token(s) on rank 0, k %d, d %lld, %zu MoE layer(s); "
         "dispatch + combine):\n",
         static_cast<long long>(o.decode_tokens), k, static_cast<long long>(d), r.plans.size());
-    std::printf("  %-7s %7s %6s %9s %12s %14s\n", "model", "experts", "ranks", "messages",
-                "bytes", "remote bytes");
+    std::printf("  %-7s %7s %6s %9s %12s %14s\n", "model", "experts", "ranks", "messages", "bytes",
+                "remote bytes");
     for (int ranks = world.size(); ranks >= 1; ranks = ranks > 1 ? ranks / 2 : 0)
       for (int after = 0; after < 2; ++after) {
         double bytes = 0, remote = 0;
@@ -125,8 +125,9 @@ int main(int argc, char** argv) {
         std::printf("  %-7s %7d %6d %9d %12.0f %14.0f\n", after ? "after" : "before",
                     after ? o.target : E, holders, messages, bytes, remote);
       }
-    std::printf("(ranks: ranks holding experts, at most the expert count; remote bytes: expected "
-                "with the task's routing)\n");
+    std::printf(
+        "(ranks: ranks holding experts, at most the expert count; remote bytes: expected "
+        "with the task's routing)\n");
     std::printf("task loss before: %.6f\n", r.task_loss);
     if (do_eval) std::printf("task loss after: %.6f\n", after_loss);
     std::printf("wrote %s\n", r.written.c_str());

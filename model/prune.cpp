@@ -66,7 +66,8 @@ std::vector<int> kmeans_once(const Matrix& u, int k, std::mt19937_64& rng, doubl
   for (int j = 1; j < k; ++j) {
     double total = 0;
     for (int i = 0; i < n; ++i) {
-      dmin[static_cast<size_t>(i)] = std::min(dmin[static_cast<size_t>(i)], sq_dist(u, i, c, j - 1));
+      dmin[static_cast<size_t>(i)] =
+          std::min(dmin[static_cast<size_t>(i)], sq_dist(u, i, c, j - 1));
       if (!chosen[static_cast<size_t>(i)]) total += dmin[static_cast<size_t>(i)];
     }
     int pick = -1;
@@ -223,7 +224,8 @@ std::vector<int> hungarian(const std::vector<double>& cost, int n) {
       for (int j = 1; j <= n; ++j) {
         if (used[static_cast<size_t>(j)]) continue;
         const double cur = row[j - 1] - u[static_cast<size_t>(i0)] - v[static_cast<size_t>(j)];
-        if (cur < minv[static_cast<size_t>(j)]) minv[static_cast<size_t>(j)] = cur, way[static_cast<size_t>(j)] = j0;
+        if (cur < minv[static_cast<size_t>(j)])
+          minv[static_cast<size_t>(j)] = cur, way[static_cast<size_t>(j)] = j0;
         if (minv[static_cast<size_t>(j)] < delta) delta = minv[static_cast<size_t>(j)], j1 = j;
       }
       for (int j = 0; j <= n; ++j) {
@@ -278,20 +280,22 @@ void permute_neurons(ConstView w1, ConstView w2, const std::vector<int>& perm, A
   const int halves = act == Activation::kSwiglu ? 2 : 1;
   for (int64_t r = 0; r < w1.rows; ++r)
     for (int h = 0; h < halves; ++h)
-      for (int64_t j = 0; j < f; ++j) w1_out.row(r)[h * f + j] = w1.row(r)[h * f + perm[static_cast<size_t>(j)]];
+      for (int64_t j = 0; j < f; ++j)
+        w1_out.row(r)[h * f + j] = w1.row(r)[h * f + perm[static_cast<size_t>(j)]];
   for (int64_t j = 0; j < f; ++j)
     std::copy_n(w2.row(perm[static_cast<size_t>(j)]), d, w2_out.row(j));
 }
 
 void merge_group(const MergeGroup& g, const std::vector<ConstView>& w1s,
-                 const std::vector<ConstView>& w2s, Activation act, PruneMethod method,
-                 View w1_out, View w2_out) {
+                 const std::vector<ConstView>& w2s, Activation act, PruneMethod method, View w1_out,
+                 View w2_out) {
   MOE_CHECK(!g.members.empty() && w1s.size() == g.members.size() && w2s.size() == g.members.size(),
             "merge_group: ", g.members.size(), " members, ", w1s.size(), " experts given");
   w1_out.fill(0.0f);
   w2_out.fill(0.0f);
   const auto ref_it = std::find(g.members.begin(), g.members.end(), g.reference);
-  const size_t ref = ref_it == g.members.end() ? 0 : static_cast<size_t>(ref_it - g.members.begin());
+  const size_t ref =
+      ref_it == g.members.end() ? 0 : static_cast<size_t>(ref_it - g.members.begin());
   Tensor p1({w1_out.rows, w1_out.cols}), p2({w2_out.rows, w2_out.cols});
   for (size_t m = 0; m < g.members.size(); ++m) {
     ConstView a = w1s[m], b = w2s[m];
@@ -315,8 +319,7 @@ void merge_router(ConstView w, const LayerPlan& plan, View w_out) {
     for (size_t g = 0; g < plan.groups.size(); ++g) {
       const MergeGroup& mg = plan.groups[g];
       double acc = 0;
-      for (size_t m = 0; m < mg.members.size(); ++m)
-        acc += mg.weights[m] * w.row(r)[mg.members[m]];
+      for (size_t m = 0; m < mg.members.size(); ++m) acc += mg.weights[m] * w.row(r)[mg.members[m]];
       w_out.row(r)[g] = static_cast<float>(acc);
     }
 }
@@ -342,7 +345,8 @@ LayerPlan plan_layer(int layer, const std::vector<float>& profiles, int n_expert
   const std::vector<int> group =
       spectral_cluster(profiles, n_experts, T, target, seed + 0x9E3779B97F4A7C15ULL * (layer + 1));
   plan.groups.resize(static_cast<size_t>(target));
-  for (int e = 0; e < n_experts; ++e) plan.groups[static_cast<size_t>(group[static_cast<size_t>(e)])].members.push_back(e);
+  for (int e = 0; e < n_experts; ++e)
+    plan.groups[static_cast<size_t>(group[static_cast<size_t>(e)])].members.push_back(e);
   for (MergeGroup& g : plan.groups) {
     double total = 0;
     for (int e : g.members) total += static_cast<double>(frequency[static_cast<size_t>(e)]);
@@ -350,7 +354,8 @@ LayerPlan plan_layer(int layer, const std::vector<float>& profiles, int n_expert
     for (int e : g.members) {
       g.weights.push_back(total > 0 ? static_cast<double>(frequency[static_cast<size_t>(e)]) / total
                                     : 1.0 / static_cast<double>(g.members.size()));
-      if (frequency[static_cast<size_t>(e)] > frequency[static_cast<size_t>(g.reference)]) g.reference = e;
+      if (frequency[static_cast<size_t>(e)] > frequency[static_cast<size_t>(g.reference)])
+        g.reference = e;
     }
   }
   return plan;
@@ -368,8 +373,9 @@ DecodeTraffic decode_traffic(int64_t n_tokens, int k, int64_t d, int n_ranks,
     total += static_cast<double>(frequency[static_cast<size_t>(e)]);
     if (place.owner(e) != 0) remote += static_cast<double>(frequency[static_cast<size_t>(e)]);
   }
-  const double share = total > 0 ? remote / total
-                                 : static_cast<double>(t.ranks_with_experts - 1) / t.ranks_with_experts;
+  const double share = total > 0
+                           ? remote / total
+                           : static_cast<double>(t.ranks_with_experts - 1) / t.ranks_with_experts;
   t.bytes_remote = t.bytes_all * share;
   t.messages = 2 * (t.ranks_with_experts - 1);
   return t;
@@ -443,13 +449,14 @@ TaskPass run_task(Transformer& model, const TokenDataset& data, int64_t n_window
     const int64_t first = lo + nb * r / P, count = lo + nb * (r + 1) / P - first;
     windows.resize(static_cast<size_t>(std::max<int64_t>(count, 1) * (S + 1)));
     if (count > 0) data.read_windows(seed, 0, first, count, windows.data());
-    out.loss += model.forward(std::span<const int32_t>(windows.data(),
-                                                       static_cast<size_t>(count * (S + 1))),
-                              count, S, static_cast<double>(T));
+    out.loss += model.forward(
+        std::span<const int32_t>(windows.data(), static_cast<size_t>(count * (S + 1))), count, S,
+        static_cast<double>(T));
     for (size_t i = 0; i < moe_blocks.size(); ++i) {
       MoeLayer& m = *model.moe_layer(moe_blocks[i]);
       const auto& slots = m.route().expert_slots;  // global
-      for (int e = 0; e < E; ++e) out.frequency[i][static_cast<size_t>(e)] += slots[static_cast<size_t>(e)];
+      for (int e = 0; e < E; ++e)
+        out.frequency[i][static_cast<size_t>(e)] += slots[static_cast<size_t>(e)];
       if (want_profiles && count > 0) {
         View rows(logits[i].data() + first * S * E, count * S, E);
         gemm(Trans::kNo, Trans::kNo, 1.0f, m.input(), m.router().w().view(), 0.0f, rows);
@@ -512,11 +519,13 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
   try {
     if (same_path(o.output, o.checkpoint) ||
         (!model_file(o.checkpoint).empty() &&
-         same_path(o.output, fs::path(model_file(o.checkpoint)).parent_path().parent_path().string())))
+         same_path(o.output,
+                   fs::path(model_file(o.checkpoint)).parent_path().parent_path().string())))
       throw Error(ErrorKind::kConfig, cat("--output ", o.output, " is the input checkpoint ",
                                           o.checkpoint, "; write the pruned model elsewhere"));
     kind = ErrorKind::kData;
-    config = Config::parse(checkpoint::read_config(o.checkpoint), o.checkpoint + " (stored config)");
+    config =
+        Config::parse(checkpoint::read_config(o.checkpoint), o.checkpoint + " (stored config)");
     const std::string file = model_file(o.checkpoint);
     const h5::File f = h5::File::open(file);
     const int64_t vocab = dataset_rows(f, "/model/dense/embed.weight");
@@ -534,9 +543,9 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
       throw Error(ErrorKind::kConfig, cat("--target-experts ", o.target, " is larger than the ", E,
                                           " experts per MoE layer of ", o.checkpoint));
     if (o.target < std::max(1, mc.moe.top_k))
-      throw Error(ErrorKind::kConfig,
-                  cat("--target-experts ", o.target, " is smaller than model.moe.top_k = ",
-                      mc.moe.top_k, " (each token needs top_k distinct experts)"));
+      throw Error(ErrorKind::kConfig, cat("--target-experts ", o.target,
+                                          " is smaller than model.moe.top_k = ", mc.moe.top_k,
+                                          " (each token needs top_k distinct experts)"));
     // The task tokens must be in the model's vocabulary: the same size as the data the model
     // was trained on (model.vocab_size 0 takes the data's), and its tokenizer when that file is
     // at hand.
@@ -556,8 +565,8 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
                h5::File::open(o.task_data).read_bytes("/tokenizer/model")))
         throw Error(ErrorKind::kData,
                     cat("task data ", o.task_data, " has another vocabulary (", task.tokenizer,
-                        ", ", task.vocab_size, " ids) than the model's training data ",
-                        train_data, " (", ti.tokenizer, ", ", ti.vocab_size, " ids)"));
+                        ", ", task.vocab_size, " ids) than the model's training data ", train_data,
+                        " (", ti.tokenizer, ", ", ti.vocab_size, " ids)"));
     }
   } catch (const Error& e) {
     error = e.message();
@@ -583,8 +592,8 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
       dense_names.push_back(p.name);
       dense_shapes.emplace_back(p.value.rows, p.value.cols);
     }
-    TaskPass pass = run_task(*loaded.model, *data, n_windows,
-                             config.get_int("train.micro_batch"), o.seed, true, comm);
+    TaskPass pass = run_task(*loaded.model, *data, n_windows, config.get_int("train.micro_batch"),
+                             o.seed, true, comm);
     report.tokens = pass.tokens;
     report.task_loss = pass.loss;
     report.frequency = pass.frequency;
@@ -604,14 +613,16 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
   for (size_t i = 0; i < dense.size(); ++i) dense_in.push_back(dense[i]->entry(dense_names[i]));
   const bool root = comm.rank() == 0;
   // old[layer index][expert] = {w1, w2}
-  std::vector<std::vector<std::unique_ptr<Owned>>> old_w1(moe_blocks.size()), old_w2(moe_blocks.size());
+  std::vector<std::vector<std::unique_ptr<Owned>>> old_w1(moe_blocks.size()),
+      old_w2(moe_blocks.size());
   std::vector<checkpoint::ExpertEntry> experts_in;
   if (root)
     for (size_t i = 0; i < moe_blocks.size(); ++i)
       for (int e = 0; e < E; ++e) {
         old_w1[i].push_back(std::make_unique<Owned>(d, f1, has_optim));
         old_w2[i].push_back(std::make_unique<Owned>(f, d, has_optim));
-        experts_in.push_back({moe_blocks[i], e, {old_w1[i].back()->entry("w1"), old_w2[i].back()->entry("w2")}});
+        experts_in.push_back(
+            {moe_blocks[i], e, {old_w1[i].back()->entry("w1"), old_w2[i].back()->entry("w2")}});
       }
   checkpoint::Metadata meta = checkpoint::load(o.checkpoint, dense_in, experts_in, comm);
 
@@ -644,8 +655,10 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
         const MergeGroup& mg = report.plans[i].groups[static_cast<size_t>(g)];
         if (mg.members.size() == 1) {  // unchanged: value and optimiser state carried over
           const int e = mg.members[0];
-          experts_out.push_back({moe_blocks[i], g, {old_w1[i][static_cast<size_t>(e)]->entry("w1"),
-                                                    old_w2[i][static_cast<size_t>(e)]->entry("w2")}});
+          experts_out.push_back({moe_blocks[i],
+                                 g,
+                                 {old_w1[i][static_cast<size_t>(e)]->entry("w1"),
+                                  old_w2[i][static_cast<size_t>(e)]->entry("w2")}});
           continue;
         }
         auto w1 = std::make_unique<Owned>(d, f1, true), w2 = std::make_unique<Owned>(f, d, true);

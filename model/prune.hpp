@@ -86,8 +86,8 @@ LayerPlan plan_layer(int layer, const std::vector<float>& profiles, int n_expert
 // Merges one group's experts (W1 [d, f1], W2 [f, d] of each member, in members order) into
 // w1_out, w2_out per the method (merge: aligned to the reference first).
 void merge_group(const MergeGroup& g, const std::vector<ConstView>& w1s,
-                 const std::vector<ConstView>& w2s, Activation act, PruneMethod method,
-                 View w1_out, View w2_out);
+                 const std::vector<ConstView>& w2s, Activation act, PruneMethod method, View w1_out,
+                 View w2_out);
 
 // Router columns of the new experts: w_out[:, g] = sum_m weights_m w[:, members_m].
 // w [d, E] -> w_out [d, E'].
@@ -97,10 +97,10 @@ void merge_router(ConstView w, const LayerPlan& plan, View w_out);
 // on rank 0, as in moe-generate and moe-serve: every slot row goes out (dispatch) and comes
 // back (combine), k d 4 bytes each way; rows for experts on rank 0 stay local.
 struct DecodeTraffic {
-  int ranks_with_experts = 0;   // min(P, E) with the blocked placement
-  double bytes_all = 0;         // 2 n k d 4: every slot, local ones included
-  double bytes_remote = 0;      // expected, with the task's routing frequencies
-  int messages = 0;             // 2 (ranks_with_experts - 1): one per peer and direction
+  int ranks_with_experts = 0;  // min(P, E) with the blocked placement
+  double bytes_all = 0;        // 2 n k d 4: every slot, local ones included
+  double bytes_remote = 0;     // expected, with the task's routing frequencies
+  int messages = 0;            // 2 (ranks_with_experts - 1): one per peer and direction
 };
 DecodeTraffic decode_traffic(int64_t n_tokens, int k, int64_t d, int n_ranks,
                              const std::vector<int64_t>& frequency);
@@ -109,11 +109,11 @@ struct PruneOptions {
   std::string checkpoint;  // input: checkpoint root or step directory
   std::string task_data;   // HDF5 token file (moe-data)
   std::string split = "train";
-  std::string output;      // checkpoint root to write
-  int target = 0;          // E'
+  std::string output;  // checkpoint root to write
+  int target = 0;      // E'
   PruneMethod method = PruneMethod::kMerge;
   uint64_t seed = 0;
-  int64_t tokens = 4096;   // task tokens to profile (rounded up to whole windows)
+  int64_t tokens = 4096;      // task tokens to profile (rounded up to whole windows)
   int64_t decode_tokens = 1;  // tokens per decode step for the traffic report
 };
 

@@ -65,11 +65,11 @@ std::string token_file(const std::string& dir, const Communicator& comm) {
 }
 
 Config tiny_config(const std::string& data, int every_n) {
-  return Config::load("", {"data.path=" + data, "model.d_model=32", "model.n_layers=2",
-                           "model.n_heads=2", "model.d_ff=32", "model.moe.num_experts=8",
-                           "model.moe.top_k=1", "model.moe.d_ff=24",
-                           "model.moe.every_n_layers=" + std::to_string(every_n),
-                           "train.seq_len=16", "train.micro_batch=4", "train.global_batch=8"});
+  return Config::load(
+      "", {"data.path=" + data, "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+           "model.d_ff=32", "model.moe.num_experts=8", "model.moe.top_k=1", "model.moe.d_ff=24",
+           "model.moe.every_n_layers=" + std::to_string(every_n), "train.seq_len=16",
+           "train.micro_batch=4", "train.global_batch=8"});
 }
 
 // Saves the model's weights (no optimiser state) as a step-3 checkpoint under dir.
@@ -176,14 +176,18 @@ TEST(Prune, MergedPairsKeepTheModelsFunction) {
   EXPECT_EQ(merged.model->config().moe.n_experts, 4);
   EXPECT_EQ(merged.meta.step, 3);
   const auto merged_logits = logits(*merged.model, data, comm);
-  if (comm.rank() == 0) EXPECT_LT(max_diff(ref, merged_logits), 1e-4);
+  if (comm.rank() == 0) {
+    EXPECT_LT(max_diff(ref, merged_logits), 1e-4);
+  }
 
   o.output = dir + "/noalign";
   o.method = moe::model::PruneMethod::kMergeNoAlign;
   moe::model::prune_checkpoint(o, comm);
   auto noalign = moe::model::load_for_inference(dir + "/noalign", data, comm);
   const auto got = logits(*noalign.model, data, comm);
-  if (comm.rank() == 0) EXPECT_GT(max_diff(ref, got), 1e-2);
+  if (comm.rank() == 0) {
+    EXPECT_GT(max_diff(ref, got), 1e-2);
+  }
 
   o.output = dir + "/same";
   o.method = moe::model::PruneMethod::kMerge;
@@ -191,7 +195,9 @@ TEST(Prune, MergedPairsKeepTheModelsFunction) {
   moe::model::prune_checkpoint(o, comm);
   auto same = moe::model::load_for_inference(dir + "/same", data, comm);
   const auto same_logits = logits(*same.model, data, comm);
-  if (comm.rank() == 0) EXPECT_LT(max_diff(ref, same_logits), 1e-6);
+  if (comm.rank() == 0) {
+    EXPECT_LT(max_diff(ref, same_logits), 1e-6);
+  }
 
   // Bad input: every rank throws.
   o.output = dir + "/bad";

@@ -30,9 +30,9 @@ std::vector<float> planted_profiles(const std::vector<int>& planted, int n_proto
   std::vector<float> p(static_cast<size_t>(n * T));
   for (int i = 0; i < n; ++i)
     for (int64_t t = 0; t < T; ++t)
-      p[static_cast<size_t>(i * T + t)] = static_cast<float>(
-          proto[static_cast<size_t>(planted[static_cast<size_t>(i)] * T + t)] + noise * g(rng) +
-          shift[static_cast<size_t>(t)]);
+      p[static_cast<size_t>(i * T + t)] =
+          static_cast<float>(proto[static_cast<size_t>(planted[static_cast<size_t>(i)] * T + t)] +
+                             noise * g(rng) + shift[static_cast<size_t>(t)]);
   return p;
 }
 
@@ -115,7 +115,8 @@ TEST(Alignment, RecoversKnownPermutationExactly) {
     // b = a with its neurons permuted (neuron j of b is neuron inv[j] of a), plus small noise.
     Tensor b1({d, f1}), b2({f, d});
     std::vector<int> inv(static_cast<size_t>(f));
-    for (int64_t j = 0; j < f; ++j) inv[static_cast<size_t>(perm[static_cast<size_t>(j)])] = static_cast<int>(j);
+    for (int64_t j = 0; j < f; ++j)
+      inv[static_cast<size_t>(perm[static_cast<size_t>(j)])] = static_cast<int>(j);
     moe::model::permute_neurons(w1.view(), w2.view(), inv, act, b1.view(), b2.view());
     std::normal_distribution<float> g(0.0f, 0.01f);
     for (int64_t i = 0; i < b1.numel(); ++i) b1.data()[i] += g(rng);
@@ -131,13 +132,16 @@ TEST(Alignment, RecoversKnownPermutationExactly) {
     moe::model::merge_group(mg, w1s, w2s, act, moe::model::PruneMethod::kMerge, m1.view(),
                             m2.view());
     double err = 0;
-    for (int64_t i = 0; i < m1.numel(); ++i) err = std::max(err, double(std::abs(m1.data()[i] - w1.data()[i])));
-    for (int64_t i = 0; i < m2.numel(); ++i) err = std::max(err, double(std::abs(m2.data()[i] - w2.data()[i])));
+    for (int64_t i = 0; i < m1.numel(); ++i)
+      err = std::max(err, double(std::abs(m1.data()[i] - w1.data()[i])));
+    for (int64_t i = 0; i < m2.numel(); ++i)
+      err = std::max(err, double(std::abs(m2.data()[i] - w2.data()[i])));
     EXPECT_LT(err, 1e-5);
     moe::model::merge_group(mg, w1s, w2s, act, moe::model::PruneMethod::kMergeNoAlign, m1.view(),
                             m2.view());
     err = 0;
-    for (int64_t i = 0; i < m1.numel(); ++i) err = std::max(err, double(std::abs(m1.data()[i] - w1.data()[i])));
+    for (int64_t i = 0; i < m1.numel(); ++i)
+      err = std::max(err, double(std::abs(m1.data()[i] - w1.data()[i])));
     EXPECT_GT(err, 0.1);
   }
 }
@@ -155,8 +159,8 @@ TEST(PlanLayer, FrequencyKeepsTheMostRouted) {
 TEST(PlanLayer, MergeWeightsAreFrequencies) {
   const std::vector<int> planted = {0, 0, 1, 1};
   const auto p = planted_profiles(planted, 2, 64, 0.01, 4);
-  const auto plan = moe::model::plan_layer(0, p, 4, 64, {10, 30, 0, 0}, 2,
-                                           moe::model::PruneMethod::kMerge, 0);
+  const auto plan =
+      moe::model::plan_layer(0, p, 4, 64, {10, 30, 0, 0}, 2, moe::model::PruneMethod::kMerge, 0);
   ASSERT_EQ(plan.groups.size(), 2u);
   EXPECT_EQ(plan.groups[0].members, (std::vector<int>{0, 1}));
   EXPECT_EQ(plan.groups[0].reference, 1);
