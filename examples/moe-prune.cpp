@@ -129,7 +129,13 @@ int main(int argc, char** argv) {
         "(ranks: ranks holding experts, at most the expert count; remote bytes: expected "
         "with the task's routing)\n");
     std::printf("task loss before: %.6f\n", r.task_loss);
-    if (do_eval) std::printf("task loss after: %.6f\n", after_loss);
+    if (do_eval)
+      std::printf("task loss after: %.6f\n", after_loss);
+    else if (eval)
+      std::printf(
+          "task loss after: not evaluated (%d experts cannot cover %d ranks; run "
+          "moe-prune --eval on at most %d ranks)\n",
+          o.target, world.size(), o.target);
     std::printf("wrote %s\n", r.written.c_str());
     return 0;
   });

@@ -55,8 +55,10 @@ std::vector<int> spectral_cluster(const std::vector<float>& profiles, int n, int
                                   uint64_t seed);
 
 // Exact minimum-cost assignment of an n x n cost matrix (row-major): returns col[i], the
-// column assigned to row i, a permutation. Hungarian algorithm with potentials, O(n^3) time
-// (f = 2048: about 10^10 basic steps, tens of seconds), O(n^2) memory.
+// column assigned to row i, a permutation. Hungarian algorithm with potentials (shortest
+// augmenting paths), O(n^3) time in the worst case, O(n^2) memory. Measured for align_neurons
+// on unrelated random experts (d 256, one thread, loaded 2-core machine): f 1024 0.2 s,
+// f 2048 1.0 s per expert pair.
 std::vector<int> hungarian(const std::vector<double>& cost, int n);
 
 // Hidden-neuron alignment of expert b to reference expert a (both W1 [d, f1], W2 [f, d]):
