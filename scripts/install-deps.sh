@@ -16,6 +16,7 @@ PACKAGES=(
   bible-kjv-text bible-kjv
   fortunes fortunes-min
   libcpp-httplib-dev curl
+  libeigen3-dev
 )
 if [ "${1:-}" = --with-slurm ]; then
   PACKAGES+=(slurmctld slurmd slurm-client munge libpmix-dev)

@@ -135,6 +135,9 @@ class MoeLayer {
   const MoeLoadStats& stats() const { return stats_; }
   double aux_loss() const { return stats_.aux_loss; }
   const RouteResult& route() const { return route_; }
+  // The last forward's input x [T, d] (borrowed: valid while the caller's buffer is), e.g. to
+  // recompute router logits for expert profiling (model/prune.hpp).
+  ConstView input() const { return x_; }
   // The last forward's whole-batch plan (kept() tells which slots survived capacity).
   const comm::DispatchPlan& plan() const { return plan_; }
   Router& router() { return *router_; }
