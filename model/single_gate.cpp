@@ -295,6 +295,12 @@ ConstView SingleGateModel::pooled() const {
   return ConstView(pooled_.data(), n_seq_, config_.d_model);
 }
 
+ConstView SingleGateModel::pool(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len) {
+  read_windows(windows, n_seq, seq_len);
+  run_base(n_seq, seq_len);
+  return pooled();
+}
+
 ConstView SingleGateModel::received(int local) const {
   const Expert& e = *experts_[static_cast<size_t>(local)];
   const int64_t W = seq_len_ * config_.d_model;

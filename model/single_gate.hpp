@@ -118,6 +118,8 @@ class SingleGateModel {
   ConstView received(int local) const;
   // Pooled features u [B, d] of the last forward (the K-means input).
   ConstView pooled() const;
+  // Only the base branch over windows [B, S + 1]; returns pooled() (no backward). Local.
+  ConstView pool(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len);
 
   // Phase (b): every local expert's blocks and final norm take the base's values. Local.
   void copy_base_into_experts();
