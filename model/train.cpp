@@ -10,6 +10,7 @@
 
 #include "comm/allreduce.hpp"
 #include "model/optim.hpp"
+#include "model/single_gate_train.hpp"
 #include "model/transformer.hpp"
 #include "runtime/checkpoint.hpp"
 #include "runtime/cpu.hpp"
@@ -170,6 +171,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                    const comm::Communicator& comm) {
   const int rank = comm.rank(), P = comm.size();
   install_stop_signal_handlers();  // idempotent; moe-train installs them before MPI start-up
+  if (config.get_string("model.moe.router") == "single_gate")
+    return train_single_gate(config, options, comm);  // its own model class and phases
   Run run = start_run(config, rank, P, "moe-train");
   const Shape shape = batch_shape(config, P);
   const uint64_t seed = static_cast<uint64_t>(config.get_int("train.seed"));

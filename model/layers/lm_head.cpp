@@ -84,6 +84,12 @@ ConstView LmHead::logits(ConstView x) {
   return out;
 }
 
+View LmHead::logits_for_backward(ConstView x) {
+  logits(x);
+  x_ = x;
+  return View(logits_.data(), x.rows, v_);
+}
+
 double LmHead::forward(ConstView x, std::span<const int32_t> targets, double normaliser) {
   MOE_CHECK_SHAPE(x, static_cast<int64_t>(targets.size()), d_, cat(name_, ".forward x"));
   logits(x);

@@ -46,6 +46,10 @@ class LmHead {
   // x [N, d] -> logits [N, V] (the head's buffer, valid until the next call). For generation
   // and evaluation; keeps nothing for backward.
   ConstView logits(ConstView x);
+  // logits() that also keeps x (borrowed) for backward(), for a loss computed by the caller
+  // (the single-gate ensemble): the caller overwrites the returned [N, V] logits with dL/dlogits
+  // before backward().
+  View logits_for_backward(ConstView x);
   // x [N, d], targets [N] -> loss (sum / normaliser). Keeps x (borrowed: must stay valid until
   // backward) and dlogits for backward.
   double forward(ConstView x, std::span<const int32_t> targets, double normaliser);

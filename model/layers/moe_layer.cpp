@@ -68,8 +68,10 @@ RouterKind parse_router_kind(const std::string& name) {
   if (name == "topk") return RouterKind::kTopK;
   if (name == "topk_bias") return RouterKind::kTopKBias;
   if (name == "expert_choice") return RouterKind::kExpertChoice;
-  throw Error(ErrorKind::kConfig, cat("model.moe.router = '", name,
-                                      "' is not one of topk | topk_bias | expert_choice"));
+  if (name == "single_gate") return RouterKind::kSingleGate;
+  throw Error(ErrorKind::kConfig,
+              cat("model.moe.router = '", name,
+                  "' is not one of topk | topk_bias | expert_choice | single_gate"));
 }
 
 const char* router_kind_name(RouterKind r) {
@@ -80,6 +82,8 @@ const char* router_kind_name(RouterKind r) {
       return "topk_bias";
     case RouterKind::kExpertChoice:
       return "expert_choice";
+    case RouterKind::kSingleGate:
+      return "single_gate";
   }
   return "?";
 }

@@ -76,7 +76,7 @@ ExchangeMode parse_exchange_mode(const std::string& name);
 const char* exchange_mode_name(ExchangeMode m);
 
 // model.moe.router.
-enum class RouterKind { kTopK, kTopKBias, kExpertChoice };
+enum class RouterKind { kTopK, kTopKBias, kExpertChoice, kSingleGate /* model/single_gate */ };
 RouterKind parse_router_kind(const std::string& name);  // "topk" | "topk_bias" | "expert_choice"
 const char* router_kind_name(RouterKind r);
 
