@@ -46,6 +46,9 @@ class TopKRouter final : public Router {
   const TopKOptions& options() const { return options_; }
 
   void forward(ConstView x, RouteResult& out) override;
+  // Inference: the slots and weights of forward(), with no collective (the auxiliary losses
+  // and expert_slots in `out` are this rank's own); no backward may follow. Local.
+  void route(ConstView x, RouteResult& out);
   void backward(ConstView dweight, float aux_scale, View dx) override;
   std::vector<ParamRef> params() override;
 
@@ -58,6 +61,8 @@ class TopKRouter final : public Router {
   const comm::Communicator* comm_;
   Tensor w_;   // [d, E]
   Tensor dw_;  // [d, E]
+  // forward(), its statistics reduced over comm_ (global) or not (route()).
+  void run(ConstView x, RouteResult& out, bool global);
   struct Cache {
     ConstView x;                  // [T, d] borrowed input
     Tensor probs;                 // [T, E] softmax
