@@ -12,8 +12,8 @@
 //   bandwidth_gbs         streaming read of a 256 MB buffer per rank, all ranks and threads at
 //                         once (best of 5): this machine's memory bandwidth as this run sees it
 //   active_mb             bytes one decode step must read at least once: every dense weight
-//                         (attention, norms, routers, the tied embedding as LM head) plus the
-//                         experts the step's tokens were routed to (counted per layer and step)
+//                         (attention, norms, routers, LM head; not the untied embedding table)
+//                         plus the experts the step's tokens were routed to (per layer and step)
 //   limit_ms              active bytes / bandwidth: the physical limit of one step
 //   limit_ratio           ms_per_step / limit_ms (1 = the step runs at memory speed)
 // The KV cache reads (B x context x 2 d x 4 bytes per block) are printed too, not counted in
@@ -91,6 +91,7 @@ int bench_decode(const std::vector<std::string>& argv) {
   cfg.moe.n_experts = static_cast<int>(args.get_int("--experts", 8));
   cfg.moe.top_k = static_cast<int>(args.get_int("--top-k", 2));
   cfg.moe.d_ff = cfg.d_ff;
+  cfg.tie_embeddings = false;  // as the reference (and examples/configs/small.yaml)
   const std::vector<int64_t> batches = args.get_ints("--batch", {1, 8, 32});
   const int64_t prompt_len = args.get_int("--prompt-len", 32);
   const int64_t new_tokens = args.get_int("--new-tokens", 64);
@@ -105,7 +106,8 @@ int bench_decode(const std::vector<std::string>& argv) {
 
   // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
   double dense_bytes = 0;
-  for (const auto& p : model.dense_params()) dense_bytes += double(p.value.size()) * 4;
+  for (const auto& p : model.dense_params())  // the untied embedding: only B rows are read
+    if (p.name != "embed.weight") dense_bytes += double(p.value.size()) * 4;
   const int64_t d = cfg.d_model, f = cfg.moe.d_ff;
   const double expert_bytes = double(2 * d * f) * 4;  // W1 [d, f] + W2 [f, d]
   const auto moe_layers = model.moe_layers();
