@@ -226,18 +226,19 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
       for (size_t i = 0; i < send_cnt.size(); ++i) {
         if (q < me) lower_cnt[i] += g[i];
       }
-      for (int e = 0; e < max_local; ++e) recv_cnt[size_t(q) * max_local + e] = g[me * max_local + e];
+      for (int e = 0; e < max_local; ++e)
+        recv_cnt[size_t(q) * max_local + e] = g[me * max_local + e];
       for (int e = 0; e < E; ++e)
         expert_kept[e] += g[size_t(placement.owner(e)) * max_local + placement.slot(e)];
       expert_kept[E] += g[row - 2];  // dropless: nothing dropped (expert_kept[E + 1] stays 0)
     }
   } else {
-    MOE_MPI_CHECK(MPI_Exscan(send_cnt.data(), lower_cnt.data(), int(send_cnt.size()),
-                             MPI_INT64_T, MPI_SUM, comm.raw()),
+    MOE_MPI_CHECK(MPI_Exscan(send_cnt.data(), lower_cnt.data(), int(send_cnt.size()), MPI_INT64_T,
+                             MPI_SUM, comm.raw()),
                   "dispatch plan: scan counts");
     if (me == 0) std::fill(lower_cnt.begin(), lower_cnt.end(), 0);  // undefined on rank 0
-    MOE_MPI_CHECK(MPI_Alltoall(send_cnt.data(), max_local, MPI_INT64_T, recv_cnt.data(),
-                               max_local, MPI_INT64_T, comm.raw()),
+    MOE_MPI_CHECK(MPI_Alltoall(send_cnt.data(), max_local, MPI_INT64_T, recv_cnt.data(), max_local,
+                               MPI_INT64_T, comm.raw()),
                   "dispatch plan: exchange counts");
   }
 

@@ -97,8 +97,9 @@ int bench_decode(const std::vector<std::string>& argv) {
   const int64_t new_tokens = args.get_int("--new-tokens", 64);
   const int samples = static_cast<int>(args.get_int("--samples", 5));
   if (new_tokens < 2 || prompt_len < 1 || samples < 1)
-    throw Error(ErrorKind::kConfig, "decode needs --new-tokens >= 2, --prompt-len >= 1, "
-                                    "--samples >= 1");
+    throw Error(ErrorKind::kConfig,
+                "decode needs --new-tokens >= 2, --prompt-len >= 1, "
+                "--samples >= 1");
   const int64_t steps = new_tokens - 1;
 
   model::Transformer model(cfg, world, static_cast<uint64_t>(args.get_int("--seed", 1)));
@@ -132,7 +133,8 @@ int bench_decode(const std::vector<std::string>& argv) {
     for (auto& c : caches) ptrs.push_back(&c);
     std::mt19937 prng(static_cast<uint32_t>(B));
     std::vector<int32_t> prompts(static_cast<size_t>(nb * prompt_len));
-    for (auto& t : prompts) t = static_cast<int32_t>(prng() % static_cast<uint32_t>(cfg.vocab_size));
+    for (auto& t : prompts)
+      t = static_cast<int32_t>(prng() % static_cast<uint32_t>(cfg.vocab_size));
     std::vector<int64_t> n_new(static_cast<size_t>(nb), prompt_len);
     std::vector<int32_t> last(static_cast<size_t>(nb));
     double hit_total = 0, kv_total = 0;
@@ -188,21 +190,22 @@ int bench_decode(const std::vector<std::string>& argv) {
     const double step_s = median(r.decode_s) / double(steps);
     const double tps = double(r.batch) / step_s;
     const double limit_s = r.active_bytes / (bandwidth * 1e9);
-    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f\n",
-                (long long)r.batch, tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit,
-                r.active_bytes / 1e6, limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6);
-    per_batch.push_back({{"batch", r.batch},
-                         {"decode_tokens_per_s", tps},
-                         {"ms_per_step", step_s * 1e3},
-                         {"ms_per_step_min", *std::min_element(r.decode_s.begin(), r.decode_s.end()) /
-                                                 double(steps) * 1e3},
-                         {"prefill_ms", median(r.prefill_s) * 1e3},
-                         {"experts_hit_per_step", r.experts_hit},
-                         {"active_bytes", r.active_bytes},
-                         {"kv_bytes", r.kv_bytes},
-                         {"limit_ms", limit_s * 1e3},
-                         {"limit_ratio", step_s / limit_s},
-                         {"tokens_seq0", r.first_tokens}});
+    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f\n", (long long)r.batch,
+                tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit, r.active_bytes / 1e6,
+                limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6);
+    per_batch.push_back(
+        {{"batch", r.batch},
+         {"decode_tokens_per_s", tps},
+         {"ms_per_step", step_s * 1e3},
+         {"ms_per_step_min",
+          *std::min_element(r.decode_s.begin(), r.decode_s.end()) / double(steps) * 1e3},
+         {"prefill_ms", median(r.prefill_s) * 1e3},
+         {"experts_hit_per_step", r.experts_hit},
+         {"active_bytes", r.active_bytes},
+         {"kv_bytes", r.kv_bytes},
+         {"limit_ms", limit_s * 1e3},
+         {"limit_ratio", step_s / limit_s},
+         {"tokens_seq0", r.first_tokens}});
   }
   std::printf(
       "\nexperts: experts hit per decode step, summed over the MoE layers; active MB: dense "
@@ -231,6 +234,8 @@ int bench_decode(const std::vector<std::string>& argv) {
 }
 
 }  // namespace
-MOE_BENCH("decode", "greedy KV-cache decoding tokens/s at batch 1,8,32 vs the memory-bandwidth "
-          "limit", bench_decode);
+MOE_BENCH("decode",
+          "greedy KV-cache decoding tokens/s at batch 1,8,32 vs the memory-bandwidth "
+          "limit",
+          bench_decode);
 }  // namespace moe::bench

@@ -102,7 +102,8 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
     stats[2 * E + 2] = E * lb;
   }
   const int n_ranks = comm_ && global ? comm_->size() : 1;
-  if (comm_ && global) comm_->allreduce_sum(stats.data(), static_cast<int64_t>(stats.size()), "router stats");
+  if (comm_ && global)
+    comm_->allreduce_sum(stats.data(), static_cast<int64_t>(stats.size()), "router stats");
 
   const double N = stats[2 * E + 1];
   c.n_global = N;
