@@ -109,6 +109,7 @@ struct Exchange::Shared {
   // Identical on every rank (the calls are collective), so decisions based on them agree.
   int64_t barriers = 0;
   int64_t combine_read_at = -1;
+  int64_t input_done_at = -1;  // barriers when input_consumed() was last called; -1: not since
 
   Shared() = default;
   Shared(const Shared&) = delete;
@@ -523,7 +524,10 @@ ConstView Exchange::shared_forward(const DispatchPlan& plan, ConstView src, bool
             comm_.size());
   const std::string op = cat(name_, " exchange ", what);
   sh.grow(sh.in, max_recv_rows(plan) * d, op);
-  sh.sync(sh.in, op);  // every rank is done with the rows of the previous dispatch
+  // Every rank is done with the rows of the previous dispatch (known already when they said so
+  // and a barrier has passed since).
+  if (sh.input_done_at < 0 || sh.barriers <= sh.input_done_at) sh.sync(sh.in, op);
+  sh.input_done_at = -1;
 
   const std::vector<int64_t>& slot = plan.send_slot();
   const std::vector<float*>& base = sh.in.base;
@@ -546,6 +550,10 @@ ConstView Exchange::dispatch_shared(const DispatchPlan& plan, ConstView x) {
 
 ConstView Exchange::dispatch_slots_shared(const DispatchPlan& plan, ConstView s) {
   return shared_forward(plan, s, /*by_slot=*/true);
+}
+
+void Exchange::input_consumed() {
+  if (shared_) shared_->input_done_at = shared_->barriers;
 }
 
 View Exchange::combine_buffer(const DispatchPlan& plan, int64_t d) {

@@ -33,8 +33,9 @@
 // Windows grow geometrically and collectively (every rank knows every rank's R from the plan);
 // in steady state nothing is allocated. Synchronisation is a node barrier (with MPI_Win_sync)
 // before rows are written into another rank's window and after, so the data is visible: two
-// barriers per dispatch_shared, one per combine_shared, and one in combine_buffer only when no
-// barrier has passed since the previous combine_shared.
+// barriers per dispatch_shared (one after input_consumed() and a barrier since), one per
+// combine_shared, and one in combine_buffer only when no barrier has passed since the previous
+// combine_shared.
 //
 // Hierarchical (node-aware) path: algorithm kHierarchical makes dispatch, dispatch_slots and
 // combine move rows in two MPI_Alltoallv phases over a node layout of N nodes x L ranks (from
@@ -145,6 +146,10 @@ class Exchange {
   // Slot rows s [T*k, d] -> [R, d] view, as dispatch_slots(plan, s, out) (combine^T). Same
   // lifetime and collectiveness as dispatch_shared; it reuses the same input window.
   ConstView dispatch_slots_shared(const DispatchPlan& plan, ConstView s);
+  // Local: this rank is done reading the view of the last dispatch_shared. When every rank has
+  // said so and a node barrier has passed on this exchange since (combine_shared's, say), the
+  // next dispatch_shared skips its first barrier. Call it on every rank alike or on none.
+  void input_consumed();
   // [R, d] view of this rank's output window, for the experts to write their outputs into.
   // Collective: before returning, every rank has finished reading the previous combine_shared
   // (a node barrier, skipped when one already passed on this exchange since, as in a

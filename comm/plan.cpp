@@ -67,6 +67,10 @@ void alltoallv(const void* send, const std::vector<int64_t>& scounts, void* recv
       what);
 }
 
+// Most int64 counts the dropless plan all-gathers (P x (P E_l + 2)); beyond it, a scan and an
+// all-to-all of counts scale better.
+constexpr int64_t kMaxGatheredCounts = 16384;
+
 double max_over_mean(const std::vector<int64_t>& v) {
   if (v.empty()) return 0.0;
   const int64_t total = std::accumulate(v.begin(), v.end(), int64_t{0});
@@ -96,7 +100,17 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
     if (routing.expert[s] < -1 || routing.expert[s] >= E)
       bad = cat("dispatch plan: token ", s / k, " slot ", s % k, " routes to expert ",
                 routing.expert[s], ", outside [-1, ", E, ")");
-  comm.agree(bad, ErrorKind::kInternal, "dispatch plan: validate routing");
+  int max_local = 0;
+  for (int r = 0; r < P; ++r) max_local = std::max(max_local, placement.n_local(r));
+  // Dropless with a small count matrix: one all-gather of every rank's [P][E_l] send counts
+  // (plus its routed and bad-slot counts) gives what the scan, the count exchange, the load
+  // statistics and the validation agreement would each need: one collective instead of four,
+  // which is what a small decode step pays for (the integers are the same either way).
+  const int64_t row = int64_t(P) * max_local + 2;  // [P][max_local] | slots routed | bad
+  const bool gather = options.capacity_factor <= 0.0 && int64_t(P) * row <= kMaxGatheredCounts;
+  if (!gather) comm.agree(bad, ErrorKind::kInternal, "dispatch plan: validate routing");
+  // A bad slot (only possible when gathering) is left out here and reported after the gather.
+  auto routed = [&](int64_t s) { return routing.expert[s] >= 0 && routing.expert[s] < E; };
 
   DispatchPlan plan;
   plan.n_tokens_ = T;
@@ -107,20 +121,18 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
   for (int r = 0; r < P; ++r) rank_first[r + 1] = rank_first[r] + placement.n_local(r);
   std::vector<int> ordinal(static_cast<size_t>(E));
   for (int e = 0; e < E; ++e) ordinal[e] = int(rank_first[placement.owner(e)]) + placement.slot(e);
-  int max_local = 0;
-  for (int r = 0; r < P; ++r) max_local = std::max(max_local, placement.n_local(r));
 
   // Counting sort of the non-empty slots by ordinal; stable, so (token, slot) order within.
   std::vector<int64_t> bucket(static_cast<size_t>(E) + 1, 0);
-  for (int64_t s = 0; s < S; ++s)
-    if (routing.expert[s] >= 0) ++bucket[ordinal[routing.expert[s]] + 1];
+  for (int64_t s = 0; s < S && bad.empty(); ++s)
+    if (routed(s)) ++bucket[ordinal[routing.expert[s]] + 1];
   for (int o = 0; o < E; ++o) bucket[o + 1] += bucket[o];
   const int64_t n_cand = bucket[E];
   std::vector<int64_t> cand(static_cast<size_t>(n_cand));
   {
     std::vector<int64_t> fill(bucket.begin(), bucket.end() - 1);
-    for (int64_t s = 0; s < S; ++s)
-      if (routing.expert[s] >= 0) cand[fill[ordinal[routing.expert[s]]]++] = s;
+    for (int64_t s = 0; s < S && bad.empty(); ++s)
+      if (routed(s)) cand[fill[ordinal[routing.expert[s]]]++] = s;
   }
   std::vector<int64_t> cand_per_rank(static_cast<size_t>(P));
   for (int r = 0; r < P; ++r) cand_per_rank[r] = bucket[rank_first[r + 1]] - bucket[rank_first[r]];
@@ -193,18 +205,42 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
   expert_kept[E + 1] = n_cand - plan.n_send();
 
   // Rows lower ranks send to each (rank, local expert): where this rank's rows start within
-  // that expert's group at the destination (the layout is ordered by source rank). One small
-  // scan instead of gathering the whole [P][P][E_l] count matrix.
+  // that expert's group at the destination (the layout is ordered by source rank): from the
+  // gathered [P][P][E_l] count matrix when it is small, else one small scan.
   std::vector<int64_t> lower_cnt(send_cnt.size(), 0);  // [P][max_local]
-  MOE_MPI_CHECK(MPI_Exscan(send_cnt.data(), lower_cnt.data(), int(send_cnt.size()), MPI_INT64_T,
-                           MPI_SUM, comm.raw()),
-                "dispatch plan: scan counts");
-  if (me == 0) std::fill(lower_cnt.begin(), lower_cnt.end(), 0);  // Exscan leaves rank 0 undefined
-
-  std::vector<int64_t> recv_cnt(send_cnt.size(), 0);  // [P][max_local]: source q, my expert e
-  MOE_MPI_CHECK(MPI_Alltoall(send_cnt.data(), max_local, MPI_INT64_T, recv_cnt.data(), max_local,
-                             MPI_INT64_T, comm.raw()),
-                "dispatch plan: exchange counts");
+  std::vector<int64_t> recv_cnt(send_cnt.size(), 0);   // [P][max_local]: source q, my expert e
+  if (gather) {
+    std::vector<int64_t> mine(send_cnt.begin(), send_cnt.end());
+    mine.push_back(n_cand);
+    mine.push_back(bad.empty() ? 0 : 1);
+    std::vector<int64_t> all(static_cast<size_t>(P * row));  // [P][row]
+    MOE_MPI_CHECK(MPI_Allgather(mine.data(), int(row), MPI_INT64_T, all.data(), int(row),
+                                MPI_INT64_T, comm.raw()),
+                  "dispatch plan: gather counts");
+    bool any_bad = false;
+    for (int q = 0; q < P; ++q) any_bad |= all[size_t(q * row + row - 1)] != 0;
+    if (any_bad) comm.agree(bad, ErrorKind::kInternal, "dispatch plan: validate routing");
+    std::fill(expert_kept.begin(), expert_kept.end(), 0);
+    for (int q = 0; q < P; ++q) {
+      const int64_t* g = all.data() + q * row;
+      for (size_t i = 0; i < send_cnt.size(); ++i) {
+        if (q < me) lower_cnt[i] += g[i];
+      }
+      for (int e = 0; e < max_local; ++e)
+        recv_cnt[size_t(q) * max_local + e] = g[me * max_local + e];
+      for (int e = 0; e < E; ++e)
+        expert_kept[e] += g[size_t(placement.owner(e)) * max_local + placement.slot(e)];
+      expert_kept[E] += g[row - 2];  // dropless: nothing dropped (expert_kept[E + 1] stays 0)
+    }
+  } else {
+    MOE_MPI_CHECK(MPI_Exscan(send_cnt.data(), lower_cnt.data(), int(send_cnt.size()), MPI_INT64_T,
+                             MPI_SUM, comm.raw()),
+                  "dispatch plan: scan counts");
+    if (me == 0) std::fill(lower_cnt.begin(), lower_cnt.end(), 0);  // undefined on rank 0
+    MOE_MPI_CHECK(MPI_Alltoall(send_cnt.data(), max_local, MPI_INT64_T, recv_cnt.data(), max_local,
+                               MPI_INT64_T, comm.raw()),
+                  "dispatch plan: exchange counts");
+  }
 
   plan.send_counts_.assign(static_cast<size_t>(P), 0);
   plan.recv_counts_.assign(static_cast<size_t>(P), 0);
@@ -236,7 +272,9 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
     for (int64_t i = 0; i < b.rows; ++i) plan.recv_order_[b.grouped + i] = b.raw + i;
 
   // Global load statistics: one all-reduce of [E] kept counts + slots routed + slots dropped.
-  comm.allreduce_sum(expert_kept.data(), int64_t(expert_kept.size()), "dispatch plan: load stats");
+  if (!gather)
+    comm.allreduce_sum(expert_kept.data(), int64_t(expert_kept.size()),
+                       "dispatch plan: load stats");
   LoadStats& st = plan.stats_;
   st.expert_tokens.assign(expert_kept.begin(), expert_kept.begin() + E);
   st.rank_tokens.assign(static_cast<size_t>(P), 0);

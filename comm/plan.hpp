@@ -70,7 +70,9 @@ class DispatchPlan {
  public:
   // Collective over comm: exchanges counts (MPI_Alltoall), sums them over lower ranks
   // (MPI_Exscan, for send_blocks) and, in capacity mode, the slot metadata needed for the global
-  // drop decision. Every rank calls it, even with T = 0.
+  // drop decision. Dropless with a small count matrix (P x P x E_l up to 16k counts: decode
+  // steps, small clusters), one MPI_Allgather of the counts does all of it instead. Every rank
+  // calls it, even with T = 0.
   static DispatchPlan build(const RoutingView& routing, const ExpertPlacement& placement,
                             const PlanOptions& options, const Communicator& comm);
 

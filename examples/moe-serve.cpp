@@ -6,7 +6,8 @@
 // their tokens: the main thread alone calls MPI (model/serve/engine.hpp). Endpoints:
 //   POST /v1/completions   model/serve/api.hpp; "stream": true sends server-sent events
 //   GET  /healthz          {"status": "ok"} (503 while shutting down)
-//   GET  /metrics          JSON counters of the engine and the HTTP front end
+//   GET  /metrics          JSON counters of the engine and the HTTP front end, and the
+//                          cumulative per-expert load of every MoE layer
 // SIGINT/SIGTERM: stop accepting, finish the queued and active requests, stop every rank,
 // exit 0.
 #include <httplib.h>
@@ -110,6 +111,8 @@ class Service {
             {"step_seconds_last", st.last_step_seconds},
             {"step_seconds_mean", st.steps ? st.step_seconds_total / double(st.steps) : 0.0},
             {"all2all_seconds_total", st.exchange_seconds_total},
+            {"expert_load", st.expert_load},
+            {"expert_load_blocks", st.expert_load_blocks},
             {"uptime_seconds", unix_seconds() - started_},
             {"accepting", engine_.accepting()}};
   }

@@ -206,7 +206,8 @@ PeerLayer* Transformer::peer_layer(int block) {
 }
 
 void Transformer::run_block(int l, int64_t n,
-                            const std::function<void(Block&, ConstView, View)>& attend) {
+                            const std::function<void(Block&, ConstView, View)>& attend,
+                            bool inference) {
   const int64_t d = config_.d_model;
   Block& b = *blocks_[static_cast<size_t>(l)];
   ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
@@ -216,7 +217,9 @@ void Transformer::run_block(int l, int64_t n,
   attend(b, h1, out);
   add(x, out, x1);
   b.norm2->forward(x1, h2);
-  if (b.moe)
+  if (b.moe && inference)
+    b.moe->infer(h2, out);
+  else if (b.moe)
     b.moe->forward(h2, out);
   else if (b.peer)
     b.peer->forward(h2, out);
@@ -227,7 +230,9 @@ void Transformer::run_block(int l, int64_t n,
 
 void Transformer::run_blocks(int64_t n, int64_t n_seq) {
   for (int l = 0; l < config_.n_layers; ++l)
-    run_block(l, n, [&](Block& b, ConstView h, View out) { b.attn->forward(h, n_seq, out); });
+    run_block(
+        l, n, [&](Block& b, ConstView h, View out) { b.attn->forward(h, n_seq, out); },
+        /*inference=*/false);
 }
 
 double Transformer::forward(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
@@ -316,9 +321,12 @@ void Transformer::run_blocks_cached(int64_t n, std::span<const int64_t> n_new,
   for (int l = 0; l < config_.n_layers; ++l) {
     for (size_t s = 0; s < caches.size(); ++s)
       layer_caches_[s] = &caches[s]->layers[static_cast<size_t>(l)];
-    run_block(l, n, [&](Block& b, ConstView h, View out) {
-      b.attn->forward_cached(h, n_new, layer_caches_, out);
-    });
+    run_block(
+        l, n,
+        [&](Block& b, ConstView h, View out) {
+          b.attn->forward_cached(h, n_new, layer_caches_, out);
+        },
+        /*inference=*/true);
   }
 }
 

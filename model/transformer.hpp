@@ -145,9 +145,10 @@ class Transformer {
  private:
   struct Block;
   // One block over this rank's n_tokens rows of x_[l] into x_[l + 1]; attend(block, h, out)
-  // runs its attention (full sequences in training, KV caches in decoding).
+  // runs its attention (full sequences in training, KV caches in decoding). inference: the MoE
+  // layer runs MoeLayer::infer (no backward follows).
   void run_block(int l, int64_t n_tokens,
-                 const std::function<void(Block&, ConstView, View)>& attend);
+                 const std::function<void(Block&, ConstView, View)>& attend, bool inference);
   void run_blocks(int64_t n_tokens, int64_t n_seq);
   // run_blocks() through the attention KV caches.
   void run_blocks_cached(int64_t n_tokens, std::span<const int64_t> n_new,

@@ -218,16 +218,27 @@ void MoeLayer::combine_weighted(View y) const {
 }
 
 void MoeLayer::forward(ConstView x, View y) {
+  run_forward(x, y, /*inference=*/false);
+}
+
+void MoeLayer::infer(ConstView x, View y) {
+  run_forward(x, y, /*inference=*/true);
+}
+
+void MoeLayer::run_forward(ConstView x, View y, bool inference) {
   const int64_t T = x.rows, d = d_;
-  const int C = config_.pipeline_chunks;
+  const int C = inference ? 1 : config_.pipeline_chunks;
   MOE_CHECK_SHAPE(x, T, d, cat(name_, ".forward x"));
   MOE_CHECK_SHAPE(y, T, d, cat(name_, ".forward y"));
   x_ = x;
   const comm::ExchangeStats s0 = ex_dispatch_.stats(), s1 = ex_combine_.stats();
   double expert_s = 0.0;
 
-  // route
-  router_->forward(x, route_);
+  // route (inference: no statistics all-reduce, nothing kept for a backward)
+  if (inference)
+    router_->infer(x, route_);
+  else
+    router_->forward(x, route_);
   const int k = route_.k;
   // plan: the whole batch (drops, statistics); with chunks, one dropless plan per chunk over
   // the slots the whole-batch plan kept. Expert choice already applied its capacity.
@@ -263,6 +274,8 @@ void MoeLayer::forward(ConstView x, View y) {
     double t0 = seconds_now();
     experts_.forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
     expert_s += seconds_now() - t0;
+    // No backward reads xin: the next dispatch_shared need not wait for this rank.
+    if (inference) ex_dispatch_.input_consumed();
     ex_dispatch_.combine_shared(plan_, slot_out);  // combine
     combine_weighted(y);
     shared_forward(x, y);

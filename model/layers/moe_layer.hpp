@@ -128,6 +128,11 @@ class MoeLayer {
 
   // x [T, d] -> y [T, d]. x must stay valid until backward(). Collective.
   void forward(ConstView x, View y);
+  // Inference (decoding): the y of forward() with fewer synchronisations and no backward to
+  // follow: the router's statistics stay local (no all-reduce; stats().load is still global,
+  // from the plan), the pipeline is off, and on the shared path the next step's dispatch skips
+  // its first barrier. Collective.
+  void infer(ConstView x, View y);
   // dy [T, d] -> dx [T, d] (overwritten). aux_scale multiplies the router's auxiliary loss in
   // the total loss. ACCUMULATES the router and expert gradients. Collective.
   void backward(ConstView dy, View dx, float aux_scale = 1.0f);
@@ -168,6 +173,7 @@ class MoeLayer {
     ExpertCache cache;
     int64_t n_recv() const { return plan.recv_offsets().back(); }
   };
+  void run_forward(ConstView x, View y, bool inference);
   void combine_weighted(View y) const;
   void shared_forward(ConstView x, View y);  // y += shared experts(x)
   void record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,

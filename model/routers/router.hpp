@@ -79,6 +79,10 @@ class Router {
   // dweight [T, k] = dL/dweight; aux_scale multiplies the auxiliary loss in L. ACCUMULATES
   // dx [T, d] += dL/dx and the parameter gradients. Local (no communication).
   virtual void backward(ConstView dweight, float aux_scale, View dx) = 0;
+  // Inference (no backward follows): the routing of forward(). Routers whose statistics need no
+  // collective for the routing itself override it to skip them (then local); the default is
+  // forward() (collective).
+  virtual void infer(ConstView x, RouteResult& out) { forward(x, out); }
 
   virtual std::vector<ParamRef> params() = 0;
 

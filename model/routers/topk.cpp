@@ -52,6 +52,14 @@ void TopKRouter::end_step(bool applied) {
 }
 
 void TopKRouter::forward(ConstView x, RouteResult& out) {
+  run(x, out, /*global=*/true);
+}
+
+void TopKRouter::infer(ConstView x, RouteResult& out) {
+  run(x, out, /*global=*/false);
+}
+
+void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
   const int64_t T = x.rows;
   const int E = options_.n_experts, k = options_.k;
   MOE_CHECK_SHAPE(x, T, d_, "topk_router.forward x");
@@ -113,8 +121,9 @@ void TopKRouter::forward(ConstView x, RouteResult& out) {
     }
     stats[2 * E + 2] = E * lb;
   }
-  const int n_ranks = comm_ ? comm_->size() : 1;
-  if (comm_) comm_->allreduce_sum(stats.data(), static_cast<int64_t>(stats.size()), "router stats");
+  const int n_ranks = comm_ && global ? comm_->size() : 1;
+  if (comm_ && global)
+    comm_->allreduce_sum(stats.data(), static_cast<int64_t>(stats.size()), "router stats");
 
   const double N = stats[2 * E + 1];
   c.n_global = N;

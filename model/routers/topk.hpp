@@ -60,6 +60,9 @@ class TopKRouter final : public Router {
   const TopKOptions& options() const { return options_; }
 
   void forward(ConstView x, RouteResult& out) override;
+  // The slots and weights of forward() with no collective (the auxiliary losses and
+  // expert_slots in `out` are this rank's own); no backward may follow. Local.
+  void infer(ConstView x, RouteResult& out) override;
   void backward(ConstView dweight, float aux_scale, View dx) override;
   std::vector<ParamRef> params() override;
   std::vector<std::pair<std::string, View>> buffers() override;
@@ -79,6 +82,8 @@ class TopKRouter final : public Router {
   Tensor dw_;                 // [d, E]
   Tensor bias_;               // [1, E] selection bias b (bias_balance)
   std::vector<double> load_;  // [E] global routed slots since the last end_step
+  // forward(), its statistics reduced over comm_ (global) or not (infer()).
+  void run(ConstView x, RouteResult& out, bool global);
   struct Cache {
     ConstView x;                  // [T, d] borrowed input
     Tensor probs;                 // [T, E] softmax

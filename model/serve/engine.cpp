@@ -56,6 +56,11 @@ Engine::Engine(Transformer& model, const comm::Communicator& comm, const EngineO
   MOE_CHECK(options_.max_batch >= 1 && options_.max_context >= 2, "engine: max_batch ",
             options_.max_batch, ", max_context ", options_.max_context);
   if (comm_.rank() != 0) return;
+  for (int l = 0; l < model_.config().n_layers; ++l)
+    if (model_.config().is_moe(l)) {
+      stats_.expert_load_blocks.push_back(l);
+      stats_.expert_load.emplace_back(static_cast<size_t>(model_.config().moe.n_experts), 0);
+    }
   caches_.reserve(static_cast<size_t>(options_.max_batch));
   for (int i = 0; i < options_.max_batch; ++i)
     caches_.push_back(model_.new_cache(options_.max_context));
@@ -222,6 +227,16 @@ void Engine::run_root(const std::function<bool()>& should_stop) {
     comm_.broadcast(desc, 2, 0, "serve step descriptor");
     ConstView logits = model_.extend(ids, n_new, batch);
     const double exchange = model_.stats().exchange_seconds;
+    // Per-expert load of this step (global figures: the plans count every rank's slots).
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const std::vector<const MoeLayer*> layers = model_.moe_layers();
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const std::vector<int64_t>& load = layers[i]->stats().load.expert_tokens;
+        for (size_t e = 0; e < load.size() && e < stats_.expert_load[i].size(); ++e)
+          stats_.expert_load[i][e] += load[e];
+      }
+    }
     size_t kept = 0;
     int64_t generated = 0;
     for (size_t i = 0; i < active_.size(); ++i) {

@@ -76,6 +76,10 @@ struct EngineStats {
   double last_step_seconds = 0;
   double step_seconds_total = 0;
   double exchange_seconds_total = 0;  // rank 0's All2All time inside the steps
+  // [MoE layers][E] slots routed to each expert (kept, over all ranks), cumulative since start;
+  // expert_load_blocks[i] is the block of MoE layer i.
+  std::vector<std::vector<int64_t>> expert_load;
+  std::vector<int> expert_load_blocks;
 };
 
 class Engine {

@@ -2,7 +2,8 @@
 // the batch at different steps, with a batch smaller than the number of requests) equal
 // model::generate() without a KV cache, token for token, both against generate() on the same
 // rank count and against a single-rank model (rank 0 alone with every expert). Stop strings
-// cut the text and end the request; a cancelled request leaves the batch.
+// cut the text and end the request; a cancelled request leaves the batch. The per-expert load
+// counts every routed slot. Runs on 1, 2 and 4 ranks.
 #include "model/serve/engine.hpp"
 
 #include <gtest/gtest.h>
@@ -114,6 +115,19 @@ TEST(Engine, GreedyEqualsGenerate) {
   int64_t total = 0;
   for (int64_t m : kMaxTokens) total += m;
   EXPECT_EQ(st.tokens_generated, total);
+  // Per-expert load: every token through the model (each prompt once, then all but the last
+  // generated token) routes top_k slots in every MoE layer.
+  int64_t through = 0;
+  for (size_t i = 0; i < prompts().size(); ++i)
+    through += static_cast<int64_t>(prompts()[i].size()) + kMaxTokens[i] - 1;
+  ASSERT_EQ(st.expert_load.size(), 2u);
+  EXPECT_EQ(st.expert_load_blocks, (std::vector<int>{0, 1}));
+  for (const auto& layer : st.expert_load) {
+    ASSERT_EQ(layer.size(), 4u);
+    int64_t slots = 0;
+    for (int64_t n : layer) slots += n;
+    EXPECT_EQ(slots, through * tiny().moe.top_k);
+  }
 }
 
 TEST(Engine, StopStringAndCancel) {

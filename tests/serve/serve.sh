@@ -16,96 +16,22 @@
 source "$MOE_TESTS/lib.sh"
 : "${MOE_SERVE:?}" "${MOE_GENERATE:?}"
 
-SERVER_PID=""
-cleanup() {  # mpirun forwards SIGTERM to its ranks; SIGKILL if it is still there after 5 s
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null
-    for _ in $(seq 1 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL "$SERVER_PID" 2>/dev/null
-    wait "$SERVER_PID" 2>/dev/null
-  fi
-}
-trap cleanup EXIT
-
-train 2 tiny --set train.steps=300 --set checkpoint.every=300
 CK=$S/tiny/ck
 PROMPT="In the beginning"
 N=24
+source "$(dirname "$0")/serve_lib.sh"
+train 2 tiny --set train.steps=300 --set checkpoint.every=300
 
-# The reference texts from moe-generate (what follows the prompt after the header line).
-generated() {  # NAME NP ARGS...: the continuation into $S/NAME.txt
-  local name=$1 np=$2
-  shift 2
-  timeout 60 "${MPIRUN[@]}" -np "$np" "$MOE_GENERATE" --checkpoint "$CK" --prompt "$PROMPT" \
-    "$@" >"$S/$name.out" 2>&1 || fail "moe-generate np $np: $(tail -n 5 "$S/$name.out")"
-  python3 - "$S/$name.out" "$PROMPT" "$S/$name.txt" <<'PY' || fail "moe-generate output $name"
-import sys
-out = open(sys.argv[1], encoding="utf-8", errors="surrogateescape").read()
-body = out.split("]\n", 1)[1]
-assert body.startswith(sys.argv[2]), body
-open(sys.argv[3], "w", encoding="utf-8", errors="surrogateescape").write(body[len(sys.argv[2]):-1])
-PY
-}
 generated greedy_np1 1 --max-tokens $N --temperature 0
 generated greedy_np2 2 --max-tokens $N --temperature 0
 generated sampled_np2 2 --max-tokens $N --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5
 cmp -s "$S/greedy_np1.txt" "$S/greedy_np2.txt" || fail "moe-generate greedy differs on 1 and 2 ranks"
 cp "$S/greedy_np2.txt" "$S/reference.txt"
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-URL=http://127.0.0.1:$PORT
-"${MPIRUN[@]}" -np 2 "$MOE_SERVE" --checkpoint "$CK" --host 127.0.0.1 --port "$PORT" \
-  --max-batch 4 >"$S/serve.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 120); do
-  curl -sf "$URL/healthz" >/dev/null 2>&1 && break
-  kill -0 "$SERVER_PID" 2>/dev/null || fail "moe-serve exited early: $(tail -n 5 "$S/serve.log")"
-  sleep 0.25
-done
-curl -sf "$URL/healthz" | grep -q '"ok"' || fail "/healthz not ok: $(tail -n 5 "$S/serve.log")"
-echo "+ moe-serve np 2 on $URL"
-
-# post BODY [CURL_ARGS...] -> prints "STATUS BODY"
-post() {
-  local body=$1
-  shift
-  curl -s -m 30 -o "$S/resp.json" -w '%{http_code}' -H 'Content-Type: application/json' \
-    -X POST --data-binary "$body" "$@" "$URL/v1/completions"
-  echo -n " "
-  cat "$S/resp.json"
-}
-alive() { curl -sf -m 5 "$URL/healthz" >/dev/null || fail "server down after $1"; }
+start_server 2 --max-batch 4
 
 GREEDY="{\"prompt\": \"$PROMPT\", \"max_tokens\": $N, \"temperature\": 0}"
-out=$(post "$GREEDY")
-[ "${out%% *}" = 200 ] || fail "greedy completion: $out"
-python3 - "$S/resp.json" "$S/reference.txt" <<'PY' || fail "server text differs from moe-generate"
-import json, sys
-r = json.load(open(sys.argv[1]))
-want = open(sys.argv[2], encoding="utf-8").read()
-got = r["choices"][0]["text"]
-assert got == want, (got, want)
-assert r["choices"][0]["finish_reason"] == "length"
-assert r["usage"]["completion_tokens"] == len(r["choices"][0]["token_ids"]) == 24
-print("+ greedy text equals moe-generate:", repr(got))
-PY
-
-# Streamed: one event per token, a finish event, then [DONE].
-curl -sN -m 30 -H 'Content-Type: application/json' -X POST \
-  --data-binary "{\"prompt\": \"$PROMPT\", \"max_tokens\": $N, \"temperature\": 0, \"stream\": true}" \
-  "$URL/v1/completions" >"$S/stream.txt" || fail "stream request failed"
-python3 - "$S/stream.txt" "$S/reference.txt" <<'PY' || fail "streamed text differs"
-import json, sys
-lines = [l[6:] for l in open(sys.argv[1]).read().split("\n") if l.startswith("data: ")]
-assert lines[-1] == "[DONE]", lines[-3:]
-events = [json.loads(l) for l in lines[:-1]]
-text = "".join(e["choices"][0]["text"] for e in events)
-assert text == open(sys.argv[2], encoding="utf-8").read(), text
-assert events[-1]["choices"][0]["finish_reason"] == "length"
-assert len(events) == 24 + 1, len(events)  # one per token, then the finish
-assert all("token_id" in e["choices"][0] for e in events[:-1])
-print(f"+ stream: {len(events)} events, same text")
-PY
+check_greedy
 
 # Bad requests: 4xx with a JSON error naming the problem; the server keeps serving.
 LONG=$(python3 -c 'print("x" * 5000)')
@@ -180,6 +106,9 @@ for k in ("requests", "tokens_generated", "queue_length", "batch_size", "step_se
     assert k in m, k
 assert m["requests"] >= 69 and m["tokens_generated"] >= 66 * 24, m
 assert m["requests_rejected"] >= 12, m
+load = m["expert_load"]  # [MoE layers][experts] routed slots, cumulative
+assert load and len(load) == len(m["expert_load_blocks"]), m
+assert len({sum(row) for row in load}) == 1 and sum(load[0]) > 0, load
 print("+ metrics:", json.dumps(m))
 PY
 
@@ -194,21 +123,5 @@ grep -q "error: config: rank 0: moe-serve: cannot listen on 127.0.0.1:$PORT" "$S
 alive "a second server on the same port"
 echo "+ a second server on port $PORT: refused"
 
-# SIGTERM to the server (rank 0, a child of mpirun): every rank exits 0.
-RANK0=""
-for c in $(pgrep -P "$SERVER_PID"); do
-  tr '\0' '\n' <"/proc/$c/environ" | grep -qx 'OMPI_COMM_WORLD_RANK=0' && RANK0=$c
-done
-[ -n "$RANK0" ] || fail "cannot find rank 0 of mpirun $SERVER_PID"
-kill -TERM "$RANK0"
-for _ in $(seq 1 120); do
-  kill -0 "$SERVER_PID" 2>/dev/null || break
-  sleep 0.25
-done
-kill -0 "$SERVER_PID" 2>/dev/null && fail "moe-serve still running 30 s after SIGTERM"
-wait "$SERVER_PID"
-rc=$?
-SERVER_PID=""
-[ $rc = 0 ] || fail "moe-serve exited $rc after SIGTERM: $(tail -n 5 "$S/serve.log")"
-grep -q "moe-serve: stopped" "$S/serve.log" || fail "no clean stop in the log: $(tail -n 5 "$S/serve.log")"
+stop_server
 echo "PASS"

@@ -1,0 +1,241 @@
+// moe-bench decode: greedy decoding through the KV caches (Transformer::extend), no HTTP.
+//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--json]          2 ranks x 1 thread
+//   moe-bench decode --threads 2 [--json]                              1 rank  x 2 threads
+// The model is the PyTorch reference's default decode model (`torch_reference.py decode`):
+// d_model 256, 4 layers, 4 heads, 8 experts top-2 of width 1024 in every block, vocabulary 256,
+// random weights; per batch size B, a prompt of 32 tokens per sequence is prefilled in one
+// extend, then 63 one-token decode steps yield 64 new tokens per sequence. Rank 0 holds the
+// sequences; the other ranks join every step with no tokens (as in serving). Figures, each
+// measured in this run:
+//   decode_tokens_per_s   B x decode steps / decode seconds (decode steps only, as PyTorch's)
+//   ms_per_step           decode seconds / decode steps (median over samples)
+//   bandwidth_gbs         streaming read of a 256 MB buffer per rank, all ranks and threads at
+//                         once (best of 5): this machine's memory bandwidth as this run sees it
+//   active_mb             bytes one decode step must read at least once: every dense weight
+//                         (attention, norms, routers, LM head; not the untied embedding table)
+//                         plus the experts the step's tokens were routed to (per layer and step)
+//   limit_ms              active bytes / bandwidth: the physical limit of one step
+//   limit_ratio           ms_per_step / limit_ms (1 = the step runs at memory speed)
+// The KV cache reads (B x context x 2 d x 4 bytes per block) are printed too, not counted in
+// the limit.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <random>
+
+#include "comm/communicator.hpp"
+#include "examples/bench/bench.hpp"
+#include "model/generate.hpp"
+#include "model/transformer.hpp"
+#include "runtime/threads.hpp"
+
+namespace moe::bench {
+namespace {
+
+// GB/s of a streaming read over `mb` MB per rank, every rank at once, summed over ranks.
+double read_bandwidth_gbs(const comm::Communicator& world, int64_t mb) {
+  const int64_t n = mb * (int64_t(1) << 20) / int64_t(sizeof(float));
+  std::unique_ptr<float[]> buf(new float[static_cast<size_t>(n)]);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = float(i & 1023);
+  double best = 1e30, sink = 0;
+  constexpr int64_t kLanes = 64;  // independent sums: the loop is bound by loads, not adds
+  for (int rep = 0; rep < 5; ++rep) {
+    world.barrier();
+    const double t0 = now_s();
+    float s = 0;
+#pragma omp parallel reduction(+ : s)
+    {
+      float acc[kLanes] = {};
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n / kLanes; ++i) {
+        const float* p = buf.get() + i * kLanes;
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += p[j];
+      }
+      for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+    }
+    best = std::min(best, world.max(now_s() - t0));
+    sink += s;
+  }
+  if (sink == -1) std::printf(" ");  // keeps the reads
+  return world.sum(double(n) * sizeof(float)) / best / 1e9;
+}
+
+struct BatchResult {
+  int64_t batch = 0;
+  std::vector<double> decode_s, prefill_s;  // per sample
+  double active_bytes = 0;                  // per decode step (mean)
+  double kv_bytes = 0;                      // per decode step (mean)
+  double experts_hit = 0;                   // per decode step, summed over MoE layers (mean)
+  std::vector<int32_t> first_tokens;        // sequence 0's greedy tokens (last sample)
+};
+
+int bench_decode(const std::vector<std::string>& argv) {
+  Args args(argv);
+  comm::Communicator world = comm::Communicator::world();
+  const int P = world.size(), rank = world.rank();
+  const bool root = rank == 0, json = args.flag("--json");
+  ThreadPolicy policy;
+  policy.omp_threads = static_cast<int>(args.get_int("--threads", 0));
+  policy.apply(P);
+
+  model::ModelConfig cfg;
+  cfg.vocab_size = args.get_int("--vocab", 256);
+  cfg.d_model = args.get_int("--d-model", 256);
+  cfg.n_layers = static_cast<int>(args.get_int("--layers", 4));
+  cfg.n_heads = static_cast<int>(args.get_int("--heads", 4));
+  cfg.d_ff = args.get_int("--d-ff", 1024);
+  cfg.moe_every_n = 1;
+  cfg.moe.n_experts = static_cast<int>(args.get_int("--experts", 8));
+  cfg.moe.top_k = static_cast<int>(args.get_int("--top-k", 2));
+  cfg.moe.d_ff = cfg.d_ff;
+  cfg.tie_embeddings = false;  // as the reference (and examples/configs/small.yaml)
+  const std::vector<int64_t> batches = args.get_ints("--batch", {1, 8, 32});
+  const int64_t prompt_len = args.get_int("--prompt-len", 32);
+  const int64_t new_tokens = args.get_int("--new-tokens", 64);
+  const int samples = static_cast<int>(args.get_int("--samples", 5));
+  if (new_tokens < 2 || prompt_len < 1 || samples < 1)
+    throw Error(ErrorKind::kConfig,
+                "decode needs --new-tokens >= 2, --prompt-len >= 1, "
+                "--samples >= 1");
+  const int64_t steps = new_tokens - 1;
+
+  model::Transformer model(cfg, world, static_cast<uint64_t>(args.get_int("--seed", 1)));
+  const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
+
+  // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
+  double dense_bytes = 0;
+  for (const auto& p : model.dense_params())  // the untied embedding: only B rows are read
+    if (p.name != "embed.weight") dense_bytes += double(p.value.size()) * 4;
+  const int64_t d = cfg.d_model, f = cfg.moe.d_ff;
+  const double expert_bytes = double(2 * d * f) * 4;  // W1 [d, f] + W2 [f, d]
+  const auto moe_layers = model.moe_layers();
+  auto experts_hit = [&] {
+    int64_t hit = 0;
+    for (const model::MoeLayer* m : moe_layers)
+      for (int64_t c : m->plan().stats().expert_tokens) hit += c > 0;
+    return hit;
+  };
+
+  model::SampleOptions greedy;
+  greedy.temperature = 0;
+  std::mt19937_64 rng(0);
+  std::vector<BatchResult> results;
+  for (int64_t B : batches) {
+    BatchResult r;
+    r.batch = B;
+    const int64_t nb = root ? B : 0;
+    std::vector<model::SequenceCache> caches;
+    std::vector<model::SequenceCache*> ptrs;
+    for (int64_t b = 0; b < nb; ++b) caches.push_back(model.new_cache(prompt_len + new_tokens));
+    for (auto& c : caches) ptrs.push_back(&c);
+    std::mt19937 prng(static_cast<uint32_t>(B));
+    std::vector<int32_t> prompts(static_cast<size_t>(nb * prompt_len));
+    for (auto& t : prompts)
+      t = static_cast<int32_t>(prng() % static_cast<uint32_t>(cfg.vocab_size));
+    std::vector<int64_t> n_new(static_cast<size_t>(nb), prompt_len);
+    std::vector<int32_t> last(static_cast<size_t>(nb));
+    double hit_total = 0, kv_total = 0;
+    for (int s = 0; s <= samples; ++s) {  // sample 0 warms up
+      for (auto& c : caches) c.clear();
+      r.first_tokens.clear();
+      world.barrier();
+      const double t0 = now_s();
+      ConstView logits = model.extend(prompts, n_new, ptrs);
+      for (int64_t b = 0; b < nb; ++b) last[b] = model::sample(logits.row_range(b, 1), greedy, rng);
+      if (root) r.first_tokens.push_back(last[0]);
+      const double t1 = now_s();
+      for (int64_t i = 0; i < steps; ++i) {
+        if (root) kv_total += double(B) * double(caches[0].len() + 1) * 2 * d * 4 * cfg.n_layers;
+        logits = model.decode_step(last, ptrs);
+        hit_total += double(experts_hit());
+        for (int64_t b = 0; b < nb; ++b)
+          last[b] = model::sample(logits.row_range(b, 1), greedy, rng);
+        if (root) r.first_tokens.push_back(last[0]);
+      }
+      const double t2 = now_s();
+      if (s == 0) {
+        hit_total = kv_total = 0;
+        continue;
+      }
+      r.prefill_s.push_back(world.max(t1 - t0));
+      r.decode_s.push_back(world.max(t2 - t1));
+    }
+    r.experts_hit = hit_total / double(samples * steps);
+    r.active_bytes = dense_bytes + r.experts_hit * expert_bytes;
+    r.kv_bytes = kv_total / double(samples * steps);
+    results.push_back(std::move(r));
+  }
+
+  if (!root) return 0;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::printf("moe-bench decode: %d rank(s) x %s\n", P, policy.describe().c_str());
+  std::printf(
+      "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, random weights; prompt %lld + %lld new "
+      "(%lld decode steps)\n",
+      (long long)d, cfg.n_layers, cfg.n_heads, (long long)f, cfg.moe.n_experts, cfg.moe.top_k,
+      (long long)cfg.vocab_size, (long long)prompt_len, (long long)new_tokens, (long long)steps);
+  std::printf("memory bandwidth (streaming read, all ranks x threads): %.1f GB/s\n", bandwidth);
+  std::printf("dense weights %.2f MB, one expert %.2f MB\n\n", dense_bytes / 1e6,
+              expert_bytes / 1e6);
+  std::printf("%6s %12s %10s %11s %9s %10s %10s %9s %8s\n", "batch", "tokens/s", "ms/step",
+              "prefill ms", "experts", "active MB", "limit ms", "vs limit", "KV MB");
+  nlohmann::json per_batch = nlohmann::json::array();
+  for (const BatchResult& r : results) {
+    const double step_s = median(r.decode_s) / double(steps);
+    const double tps = double(r.batch) / step_s;
+    const double limit_s = r.active_bytes / (bandwidth * 1e9);
+    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f\n", (long long)r.batch,
+                tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit, r.active_bytes / 1e6,
+                limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6);
+    per_batch.push_back(
+        {{"batch", r.batch},
+         {"decode_tokens_per_s", tps},
+         {"ms_per_step", step_s * 1e3},
+         {"ms_per_step_min",
+          *std::min_element(r.decode_s.begin(), r.decode_s.end()) / double(steps) * 1e3},
+         {"prefill_ms", median(r.prefill_s) * 1e3},
+         {"experts_hit_per_step", r.experts_hit},
+         {"active_bytes", r.active_bytes},
+         {"kv_bytes", r.kv_bytes},
+         {"limit_ms", limit_s * 1e3},
+         {"limit_ratio", step_s / limit_s},
+         {"tokens_seq0", r.first_tokens}});
+  }
+  std::printf(
+      "\nexperts: experts hit per decode step, summed over the MoE layers; active MB: dense "
+      "weights + those experts;\nlimit ms: active MB at the measured bandwidth; vs limit: "
+      "ms/step over limit ms. KV MB (cache reads) not in the limit.\n");
+  if (json) {
+    nlohmann::json out = {{"bench", "decode"},
+                          {"ranks", P},
+                          {"threads", policy.omp_threads},
+                          {"d_model", d},
+                          {"layers", cfg.n_layers},
+                          {"heads", cfg.n_heads},
+                          {"d_ff", f},
+                          {"experts", cfg.moe.n_experts},
+                          {"top_k", cfg.moe.top_k},
+                          {"vocab", cfg.vocab_size},
+                          {"prompt_len", prompt_len},
+                          {"new_tokens", new_tokens},
+                          {"bandwidth_gbs", bandwidth},
+                          {"dense_bytes", dense_bytes},
+                          {"expert_bytes", expert_bytes},
+                          {"per_batch", per_batch}};
+    std::printf("%s\n", out.dump().c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+MOE_BENCH("decode",
+          "greedy KV-cache decoding tokens/s at batch 1,8,32 vs the memory-bandwidth "
+          "limit",
+          bench_decode);
+}  // namespace moe::bench
