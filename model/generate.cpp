@@ -95,6 +95,11 @@ LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::str
                 cat(checkpoint_dir, " was trained with model.moe.router = expert_choice, which ",
                     "picks each expert's tokens from the whole batch and so cannot decode one ",
                     "token at a time; generation and serving need a topk or topk_bias model"));
+  if (mc.umoe_attention)
+    throw Error(ErrorKind::kConfig,
+                cat(checkpoint_dir, " was trained with model.attention = umoe, which has no ",
+                    "incremental decoding yet; generation and serving need a model.attention = ",
+                    "mha model"));
   out.model = std::make_unique<Transformer>(mc, comm, 0);
   Transformer& model = *out.model;
 

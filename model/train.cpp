@@ -239,15 +239,13 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   for (auto& [name, value] : model.buffers())
     dense_entries.push_back({name, value, {}, {}, nullptr});
   std::vector<checkpoint::ExpertEntry> expert_entries;
-  for (int l = 0; l < mc->n_layers; ++l) {
-    MoeLayer* moe = model.moe_layer(l);
-    if (!moe) continue;
-    ExpertBank& bank = moe->experts();
+  for (const Transformer::ExpertBankRef& ref : model.expert_banks()) {
+    ExpertBank& bank = *ref.bank;
     for (int e = 0; e < bank.n_local(); ++e) {
       const int gid = bank.global_ids()[static_cast<size_t>(e)];
-      const std::string prefix = cat("blocks.", l, ".moe.expert.", gid, ".");
+      const std::string prefix = cat(ref.prefix, "expert.", gid, ".");
       checkpoint::ExpertEntry x;
-      x.layer = l;
+      x.layer = ref.layer;
       x.expert = gid;
       x.tensors.push_back(entry(prefix + "w1", bank.w1(e)));
       x.tensors.back().name = "w1";

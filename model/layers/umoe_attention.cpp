@@ -34,6 +34,7 @@ UmoeConfig UmoeConfig::from(const Config& c) {
   u.renormalize = c.get_bool("model.umoe.renormalize");
   u.aux_loss_coef = c.get_float("model.umoe.aux_loss_coef");
   u.rope_base = c.get_float("model.rope_base");
+  u.global_balance = c.get_string("model.moe.aux_loss_scope") == "global";
   if (u.d_qk % 2 != 0)
     throw Error(ErrorKind::kConfig,
                 cat("model.umoe.d_qk = ", u.d_qk, " must be even (RoPE rotates pairs)"));
@@ -80,7 +81,7 @@ UmoeAttention::UmoeAttention(std::string name, int64_t d_model, const UmoeConfig
   // The router's weights get their own seed, so the block's FFN router starts different.
   const uint64_t rseed = seed ^ init_stream((name_ + ".router").c_str(), 0);
   TopKOptions o{moe.n_experts,        config.top_k,       config.renormalize,
-                config.aux_loss_coef, config.z_loss_coef, true};
+                config.aux_loss_coef, config.z_loss_coef, config.global_balance};
   router_ = std::make_unique<TopKRouter>(d_model, o, &comm, rseed);
   const float bd = 1.0f / std::sqrt(static_cast<float>(d_model));
   init_uniform(w_q_.view(), bd, seed, init_stream((name_ + ".w_q").c_str(), 0));

@@ -66,6 +66,7 @@ struct UmoeConfig {
   bool renormalize = false;  // renormalise the top-k probabilities
   double aux_loss_coef = 1e-3;
   double z_loss_coef = 0.0;
+  bool global_balance = true;  // model.moe.aux_loss_scope (global or rank), as the FFN router
   double rope_base = 10000.0;
   float norm_eps = 1e-6f;  // of the query correction's rms
 
