@@ -95,11 +95,6 @@ LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::str
                 cat(checkpoint_dir, " was trained with model.moe.router = expert_choice, which ",
                     "picks each expert's tokens from the whole batch and so cannot decode one ",
                     "token at a time; generation and serving need a topk or topk_bias model"));
-  if (mc.umoe_attention)
-    throw Error(ErrorKind::kConfig,
-                cat(checkpoint_dir, " was trained with model.attention = umoe, which has no ",
-                    "incremental decoding yet; generation and serving need a model.attention = ",
-                    "mha model"));
   out.model = std::make_unique<Transformer>(mc, comm, 0);
   Transformer& model = *out.model;
 
@@ -107,15 +102,14 @@ LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::str
   for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
   for (auto& [name, value] : model.buffers()) dense.push_back({name, value, {}, {}, nullptr});
   std::vector<checkpoint::ExpertEntry> experts;
-  for (int l = 0; l < mc.n_layers; ++l) {
-    MoeLayer* m = model.moe_layer(l);
-    if (!m) continue;
-    for (int e = 0; e < m->experts().n_local(); ++e) {
+  for (const Transformer::ExpertBankRef& ref : model.expert_banks()) {
+    ExpertBank& bank = *ref.bank;
+    for (int e = 0; e < bank.n_local(); ++e) {
       checkpoint::ExpertEntry x;
-      x.layer = l;
-      x.expert = m->experts().global_ids()[static_cast<size_t>(e)];
-      x.tensors.push_back({"w1", m->experts().w1(e), {}, {}, nullptr});
-      x.tensors.push_back({"w2", m->experts().w2(e), {}, {}, nullptr});
+      x.layer = ref.layer;
+      x.expert = bank.global_ids()[static_cast<size_t>(e)];
+      x.tensors.push_back({"w1", bank.w1(e), {}, {}, nullptr});
+      x.tensors.push_back({"w2", bank.w2(e), {}, {}, nullptr});
       experts.push_back(std::move(x));
     }
   }

@@ -328,7 +328,10 @@ void Transformer::run_blocks_cached(int64_t n, std::span<const int64_t> n_new,
     for (size_t s = 0; s < caches.size(); ++s)
       layer_caches_[s] = &caches[s]->layers[static_cast<size_t>(l)];
     run_block(l, n, [&](Block& b, ConstView h, View out) {
-      b.attn->forward_cached(h, n_new, layer_caches_, out);
+      if (b.umoe)
+        b.umoe->forward_cached(h, n_new, layer_caches_, out);
+      else
+        b.attn->forward_cached(h, n_new, layer_caches_, out);
     });
   }
 }
@@ -336,10 +339,6 @@ void Transformer::run_blocks_cached(int64_t n, std::span<const int64_t> n_new,
 ConstView Transformer::extend(std::span<const int32_t> ids, std::span<const int64_t> n_new,
                               std::span<SequenceCache* const> caches) {
   const int64_t d = config_.d_model, B = static_cast<int64_t>(n_new.size());
-  if (config_.umoe_attention)
-    throw Error(ErrorKind::kConfig,
-                "model.attention = umoe has no incremental decoding (its KV cache would hold K "
-                "and X); moe-generate and moe-serve need a model.attention = mha model");
   MOE_CHECK_EQ(n_new.size(), caches.size(), "extend: sequences");
   int64_t n = 0;
   for (int64_t k : n_new) n += k;

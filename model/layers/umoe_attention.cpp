@@ -63,7 +63,8 @@ UmoeAttention::UmoeAttention(std::string name, int64_t d_model, const UmoeConfig
       w_a_({d_model, (moe.n_experts + config.shared_experts) * config.query_rank}),
       dw_a_({d_model, (moe.n_experts + config.shared_experts) * config.query_rank}),
       w_b_({(moe.n_experts + config.shared_experts) * config.query_rank, config.d_qk}),
-      dw_b_({(moe.n_experts + config.shared_experts) * config.query_rank, config.d_qk}) {
+      dw_b_({(moe.n_experts + config.shared_experts) * config.query_rank, config.d_qk}),
+      rope_decode_(config.d_qk, config.rope_base) {
   if (placement.n_experts() != moe.n_experts || placement.n_ranks() != comm.size())
     throw Error(
         ErrorKind::kConfig,
@@ -169,12 +170,17 @@ void UmoeAttention::queries_forward(Mix& g, ConstView x) {
         for (int64_t o = 0; o < dqk; ++o) qr[o] += vc * wr[o];
       }
     }
-  // RoPE: query j of sequence b is a strided [S, d_qk] view (rows s*m + j).
-  const int64_t S = s_;
+}
+
+// RoPE on full sequences: query j of sequence b is a strided [S, d_qk] view (rows s*m + j).
+void UmoeAttention::queries_rotate(Mix& g) {
+  const int64_t m = g.m, S = s_, dqk = dqk_;
+  if (m == 0) return;
+  float* q = g.q.data();
 #pragma omp parallel for schedule(static)
   for (int64_t bj = 0; bj < n_seq_ * m; ++bj) {
     const int64_t b = bj / m, j = bj % m;
-    rope_.apply(View(q.data + ((b * S) * m + j) * dqk, S, dqk, m * dqk));
+    rope_.apply(View(q + ((b * S) * m + j) * dqk, S, dqk, m * dqk));
   }
 }
 
@@ -239,11 +245,27 @@ void UmoeAttention::forward(ConstView x, int64_t n_seq, View y) {
 
   // queries and mixing, on this rank (the token's owner)
   queries_forward(routed_, x);
+  queries_rotate(routed_);
   mix_forward(routed_, x);
   queries_forward(shared_mix_, x);
+  queries_rotate(shared_mix_);
   mix_forward(shared_mix_, x);
+  experts_forward(T, y);
 
-  // routed experts: z slot rows -> owners -> experts -> back, weighted by p
+  stats_ = UmoeStats{};
+  stats_.aux_loss = route_.aux_loss;
+  stats_.load_balance_loss = route_.load_balance_loss;
+  stats_.z_loss = route_.z_loss;
+  stats_.load = plan_.stats();
+  stats_.bytes_sent = ex_.stats().bytes_sent - s0.bytes_sent;
+  stats_.exchange_seconds = ex_.stats().seconds - s0.seconds;
+}
+
+// Routed experts on routed_.z (slot rows -> owners -> experts -> back, weighted by p), plus the
+// shared experts on shared_mix_.z: y [T, d] (overwritten). Collective.
+void UmoeAttention::experts_forward(int64_t T, View y) {
+  const int64_t d = d_;
+  const int k = route_.k;
   plan_ = comm::DispatchPlan::build(route_.routing(), placement_, comm::PlanOptions{}, comm_);
   const int64_t R = plan_.n_recv();
   View xin = scratch(xin_, R, d), yout = scratch(yout_, R, d);
@@ -273,14 +295,86 @@ void UmoeAttention::forward(ConstView x, int64_t n_seq, View y) {
     shared_[s]->forward(ConstView(shared_mix_.z.data() + s * d, T, d, ns * d), o);
     add_rows(y, o);
   }
+}
 
-  stats_ = UmoeStats{};
-  stats_.aux_loss = route_.aux_loss;
-  stats_.load_balance_loss = route_.load_balance_loss;
-  stats_.z_loss = route_.z_loss;
-  stats_.load = plan_.stats();
-  stats_.bytes_sent = ex_.stats().bytes_sent - s0.bytes_sent;
-  stats_.exchange_seconds = ex_.stats().seconds - s0.seconds;
+void UmoeAttention::forward_cached(ConstView x, std::span<const int64_t> n_new,
+                                   std::span<KvCache* const> caches, View y) {
+  MOE_CHECK_EQ(n_new.size(), caches.size(), cat(name_, ".forward_cached: sequences"));
+  const int64_t B = static_cast<int64_t>(n_new.size()), d = d_, dqk = dqk_;
+  row0_.assign(static_cast<size_t>(B) + 1, 0);
+  int64_t max_end = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    const KvCache& c = *caches[static_cast<size_t>(b)];
+    const int64_t nb = n_new[static_cast<size_t>(b)];
+    MOE_CHECK(nb >= 1 && c.d == d && c.len + nb <= c.capacity(), name_,
+              ".forward_cached: sequence ", b, " appends ", nb, " tokens to a cache of ", c.len,
+              "/", c.capacity(), " positions of width ", c.d);
+    row0_[static_cast<size_t>(b) + 1] = row0_[static_cast<size_t>(b)] + nb;
+    max_end = std::max(max_end, c.capacity());
+  }
+  const int64_t T = row0_.back(), nq = E_ + config_.shared_experts;
+  MOE_CHECK_SHAPE(x, T, d, cat(name_, ".forward_cached x"));
+  MOE_CHECK_SHAPE(y, T, d, cat(name_, ".forward_cached y"));
+  MOE_CHECK(dqk <= d, name_, ": d_qk ", dqk, " > d_model ", d, " does not fit the KV cache");
+  if (rope_decode_.n_pos() < max_end) rope_decode_.prepare(0, max_end);
+  router_->forward(x, route_);  // collective, also with T = 0
+  routed_.m = route_.k;
+  View qb = scratch(qb_, T, dqk), kk = scratch(k_, T, dqk), u = scratch(u_, T, nq * r_);
+  if (T > 0) {
+    gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_q_.view(), 0.0f, qb);
+    gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_k_.view(), 0.0f, kk);
+    gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_a_.view(), 0.0f, u);
+  }
+  queries_forward(routed_, x);
+  queries_forward(shared_mix_, x);
+  if (scores_.size() < static_cast<size_t>(omp_get_max_threads()))
+    scores_.resize(static_cast<size_t>(omp_get_max_threads()));
+  scratch(routed_.z, T * routed_.m, d);  // sized before the threads write their rows
+  scratch(shared_mix_.z, T * shared_mix_.m, d);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dqk));
+  // The cache: k [cap, d] holds the rotated key in columns [0, d_qk); v [cap, d] holds X.
+#pragma omp parallel
+  {
+    Tensor& sc = scores_[static_cast<size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      KvCache& c = *caches[static_cast<size_t>(b)];
+      const int64_t r0 = row0_[static_cast<size_t>(b)], nb = n_new[static_cast<size_t>(b)];
+      const int64_t past = c.len, total = past + nb;
+      View kn = kk.row_range(r0, nb);
+      rope_decode_.apply_at(kn, past);
+      copy(kn, c.k.view().row_range(past, nb).col_range(0, dqk));
+      copy(x.row_range(r0, nb), c.v.view().row_range(past, nb));
+      ConstView kc = ConstView(c.k.view()).row_range(0, total).col_range(0, dqk);
+      ConstView vc = ConstView(c.v.view()).row_range(0, total);
+      for (Mix* g : {&routed_, &shared_mix_}) {
+        const int64_t m = g->m;
+        if (m == 0) continue;
+        View q = View(g->q.data(), T * m, dqk).row_range(r0 * m, nb * m);
+        for (int64_t i = 0; i < nb * m; ++i) rope_decode_.apply_at(q.row_range(i, 1), past + i / m);
+        View p = scratch(sc, nb * m, total);
+        gemm(Trans::kNo, Trans::kYes, scale, q, kc, 0.0f, p);
+        for (int64_t i = 0; i < nb * m; ++i) {
+          const int64_t last = past + i / m;  // keys 0 .. last are visible
+          float* pr = p.row(i);
+          float mx = pr[0];
+          for (int64_t j = 1; j <= last; ++j) mx = std::max(mx, pr[j]);
+          double sum = 0.0;
+          for (int64_t j = 0; j <= last; ++j) {
+            pr[j] = std::exp(pr[j] - mx);
+            sum += pr[j];
+          }
+          const float iv = static_cast<float>(1.0 / sum);
+          for (int64_t j = 0; j <= last; ++j) pr[j] *= iv;
+          for (int64_t j = last + 1; j < total; ++j) pr[j] = 0.0f;
+        }
+        View z = View(g->z.data(), T * m, d).row_range(r0 * m, nb * m);
+        gemm(Trans::kNo, Trans::kNo, 1.0f, p, vc, 0.0f, z);
+      }
+      c.len = total;
+    }
+  }
+  experts_forward(T, y);
 }
 
 // Given dL/dz in g.z: dx += probs^T dz (values); dS = P (dP - rowdot(dP, P)) / sqrt(d_qk) with

@@ -42,6 +42,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -94,6 +95,13 @@ class UmoeAttention {
   // x [T, d] with T = n_seq * S -> y [T, d] (y must not alias x). x must stay valid until
   // backward(). Collective.
   void forward(ConstView x, int64_t n_seq, View y);
+  // Incremental (inference) forward, as Attention::forward_cached: x [N, d] holds n_new[b] new
+  // tokens of sequence b, back to back; each cache keeps the rotated key in columns [0, d_qk)
+  // of k and the hidden state x in v (d_qk <= d). Appends to the caches and attends causally
+  // over them; equals forward() on the full sequences row for row. No backward cache.
+  // Collective (router and exchange), also with N = 0.
+  void forward_cached(ConstView x, std::span<const int64_t> n_new, std::span<KvCache* const> caches,
+                      View y);
   // dy [T, d] -> dx [T, d] (overwritten; must not alias dy). aux_scale multiplies the router's
   // auxiliary loss. ACCUMULATES every gradient (experts' included). Collective.
   void backward(ConstView dy, View dx, float aux_scale = 1.0f);
@@ -126,7 +134,9 @@ class UmoeAttention {
   };
   // Expert id of query row (t, j) of a group: routed: route_.expert (may be -1); shared: E + j.
   int expert_of(const Mix& g, int64_t t, int j) const;
-  void queries_forward(Mix& g, ConstView x);
+  void queries_forward(Mix& g, ConstView x);  // unrotated
+  void queries_rotate(Mix& g);                // RoPE on full sequences (forward)
+  void experts_forward(int64_t T, View y);
   void mix_forward(Mix& g, ConstView x);
   void mix_backward(Mix& g, ConstView x, View dx, View dk);
   void queries_backward(Mix& g, View dqb, View du);
@@ -165,6 +175,10 @@ class UmoeAttention {
   Tensor shared_out_;       // [T, d] one shared expert's output
   Tensor dk_;               // [T, d_qk]
   std::vector<Tensor> dp_;  // per thread: [S*m, S] dL/dprobs
+  // Incremental decoding scratch.
+  Rope rope_decode_;            // tables from position 0
+  std::vector<Tensor> scores_;  // per thread: [n_new m, len] probabilities
+  std::vector<int64_t> row0_;   // [B + 1] first row of each sequence
   UmoeStats stats_;
 };
 
