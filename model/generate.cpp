@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "model/model_checkpoint.hpp"
 #include "runtime/data.hpp"
 #include "runtime/error.hpp"
 
@@ -103,23 +104,8 @@ LoadedModel load_for_inference(const std::string& checkpoint_dir, const std::str
   out.model = std::make_unique<Transformer>(mc, comm, 0);
   Transformer& model = *out.model;
 
-  std::vector<checkpoint::TensorEntry> dense;
-  for (const auto& p : model.dense_params()) dense.push_back({p.name, p.value, {}, {}, nullptr});
-  for (auto& [name, value] : model.buffers()) dense.push_back({name, value, {}, {}, nullptr});
-  std::vector<checkpoint::ExpertEntry> experts;
-  for (int l = 0; l < mc.n_layers; ++l) {
-    MoeLayer* m = model.moe_layer(l);
-    if (!m) continue;
-    for (int e = 0; e < m->experts().n_local(); ++e) {
-      checkpoint::ExpertEntry x;
-      x.layer = l;
-      x.expert = m->experts().global_ids()[static_cast<size_t>(e)];
-      x.tensors.push_back({"w1", m->experts().w1(e), {}, {}, nullptr});
-      x.tensors.push_back({"w2", m->experts().w2(e), {}, {}, nullptr});
-      experts.push_back(std::move(x));
-    }
-  }
-  out.meta = checkpoint::load(checkpoint_dir, dense, experts, comm);
+  CheckpointEntries entries = checkpoint_entries(model, {});  // values only
+  out.meta = checkpoint::load(checkpoint_dir, entries.dense, entries.experts, comm);
   return out;
 }
 

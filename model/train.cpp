@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "comm/allreduce.hpp"
+#include "model/model_checkpoint.hpp"
 #include "model/optim.hpp"
 #include "model/single_gate_train.hpp"
 #include "model/transformer.hpp"
@@ -229,56 +230,14 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   ro.average = false;  // the loss is already normalised by the global token count
   comm::GradientAllReducer reducer(comm, dense_grads, ro);
 
-  // Checkpoint entries: dense tensors once, experts by (block, global id).
-  auto entry = [&](const std::string& name, View value) {
+  // Checkpoint entries: dense tensors once, experts by (block, global id), with their moments.
+  CheckpointEntries entries = checkpoint_entries(model, [&](const std::string& name) -> AdamState& {
     int64_t i = opt.find(name);
     MOE_CHECK(i >= 0, "optimiser lacks ", name);
-    AdamState& st = opt.state(static_cast<size_t>(i));
-    return checkpoint::TensorEntry{name, value, st.m.view(), st.v.view(), &st.step};
-  };
-  std::vector<checkpoint::TensorEntry> dense_entries;
-  for (const ParamRef& p : model.dense_params()) dense_entries.push_back(entry(p.name, p.value));
-  // Router biases (topk_bias), PEER batch-norm statistics: replicated, no optimiser state.
-  for (auto& [name, value] : model.buffers())
-    dense_entries.push_back({name, value, {}, {}, nullptr});
-  std::vector<checkpoint::ExpertEntry> expert_entries;
-  for (int l = 0; l < mc->n_layers; ++l) {
-    MoeLayer* moe = model.moe_layer(l);
-    if (!moe) continue;
-    ExpertBank& bank = moe->experts();
-    for (int e = 0; e < bank.n_local(); ++e) {
-      const int gid = bank.global_ids()[static_cast<size_t>(e)];
-      const std::string prefix = cat("blocks.", l, ".moe.expert.", gid, ".");
-      checkpoint::ExpertEntry x;
-      x.layer = l;
-      x.expert = gid;
-      x.tensors.push_back(entry(prefix + "w1", bank.w1(e)));
-      x.tensors.back().name = "w1";
-      x.tensors.push_back(entry(prefix + "w2", bank.w2(e)));
-      x.tensors.back().name = "w2";
-      expert_entries.push_back(std::move(x));
-    }
-  }
-  // PEER tables by (block, block of n_sub_keys rows = expert ids i n .. i n + n - 1).
-  for (int l = 0; l < mc->n_layers; ++l) {
-    PeerLayer* peer = model.peer_layer(l);
-    if (!peer) continue;
-    const int64_t n = peer->config().n_sub_keys;
-    for (int b = 0; b < peer->n_blocks_local(); ++b) {
-      checkpoint::ExpertEntry x;
-      x.layer = l;
-      x.expert = peer->first_block() + b;
-      for (const char* t : {"u", "v"}) {
-        checkpoint::TensorEntry e = entry(cat("blocks.", l, ".peer.", t), View());
-        e.name = t;
-        e.value = (t[0] == 'u' ? peer->u() : peer->v()).row_range(int64_t{b} * n, n);
-        e.adam_m = e.adam_m.row_range(int64_t{b} * n, n);
-        e.adam_v = e.adam_v.row_range(int64_t{b} * n, n);
-        x.tensors.push_back(e);
-      }
-      expert_entries.push_back(std::move(x));
-    }
-  }
+    return opt.state(static_cast<size_t>(i));
+  });
+  std::vector<checkpoint::TensorEntry>& dense_entries = entries.dense;
+  std::vector<checkpoint::ExpertEntry>& expert_entries = entries.experts;
   // An empty checkpoint.dir means <run.dir>/checkpoints.
   const std::string ckpt_dir = config.get_string("checkpoint.dir").empty()
                                    ? run.dir + "/checkpoints"

@@ -57,6 +57,16 @@ ModelConfig ModelConfig::from(const Config& c, int64_t data_vocab) {
       throw Error(ErrorKind::kConfig, cat("model.peer.layer = ", m.peer.layer,
                                           " is not a block of model.n_layers = ", m.n_layers));
   }
+  m.umoe_attention = c.get_string("model.attention") == "umoe";
+  m.share_attention_ffn = c.get_bool("model.moe.share_attention_ffn");
+  if (m.umoe_attention) m.umoe = UmoeConfig::from(c);
+  if (m.share_attention_ffn && !m.umoe_attention)
+    throw Error(ErrorKind::kConfig,
+                "model.moe.share_attention_ffn = true needs model.attention = umoe (the FFN "
+                "shares the UMoE attention's experts)");
+  if (m.umoe_attention && m.umoe.top_k > m.moe.n_experts)
+    throw Error(ErrorKind::kConfig, cat("model.umoe.top_k = ", m.umoe.top_k, " exceeds ",
+                                        "model.moe.num_experts = ", m.moe.n_experts));
   if (m.d_model % m.n_heads != 0 || (m.d_model / m.n_heads) % 2 != 0)
     throw Error(ErrorKind::kConfig,
                 cat("model.n_heads = ", m.n_heads, " must divide model.d_model = ", m.d_model,
@@ -79,7 +89,15 @@ double ModelConfig::active_params() const {
   const double moe_mats = moe.activation == Activation::kSwiglu ? 3.0 : 2.0;
   double n = 0;
   for (int l = 0; l < n_layers; ++l) {
-    n += 4 * d * d + 2 * d;  // attention (fused QKV + output) and the two norm gains
+    n += 2 * d;  // the two norm gains
+    if (umoe_attention) {
+      // router, W_q, W_k, every query correction; k routed and n_s shared experts per token
+      const double nq = moe.n_experts + umoe.shared_experts, r = double(umoe.query_rank);
+      n += d * moe.n_experts + 2 * d * double(umoe.d_qk) + nq * r * (d + double(umoe.d_qk)) +
+           (umoe.top_k + umoe.shared_experts) * moe_mats * d * double(moe.d_ff);
+    } else {
+      n += 4 * d * d;  // attention (fused QKV + output)
+    }
     // Expert choice: C experts per token on average (C = capacity_factor, or top_k when 0).
     const double k = moe.router == RouterKind::kExpertChoice && moe.capacity_factor > 0
                          ? moe.capacity_factor
@@ -101,11 +119,12 @@ double ModelConfig::flops_per_token(int64_t seq_len) const {
 
 struct Transformer::Block {
   std::unique_ptr<RmsNorm> norm1, norm2;
-  std::unique_ptr<Attention> attn;
-  std::unique_ptr<Ffn> ffn;         // dense blocks
-  std::unique_ptr<MoeLayer> moe;    // MoE blocks
-  std::unique_ptr<PeerLayer> peer;  // the PEER block
-  Tensor h1, x1, h2, out;           // [N, d]: norm1 output, mid residual, norm2 output, scratch
+  std::unique_ptr<Attention> attn;      // model.attention = mha
+  std::unique_ptr<UmoeAttention> umoe;  // model.attention = umoe
+  std::unique_ptr<Ffn> ffn;             // dense blocks
+  std::unique_ptr<MoeLayer> moe;        // MoE blocks
+  std::unique_ptr<PeerLayer> peer;      // the PEER block
+  Tensor h1, x1, h2, out;               // [N, d]: norm1 output, mid residual, norm2 output, scratch
   // Ranges of dense_params() finished by each backward stage.
   size_t ffn_params_end = 0, norm2_end = 0, attn_end = 0, norm1_end = 0;
 };
@@ -113,7 +132,7 @@ struct Transformer::Block {
 Transformer::Transformer(const ModelConfig& config, const comm::Communicator& comm, uint64_t seed)
     : config_(config), comm_(comm) {
   const int64_t d = config.d_model;
-  if (config.n_moe_layers() > 0)
+  if (config.n_moe_layers() > 0 || config.umoe_attention)
     placement_ = comm::ExpertPlacement::blocked(config.moe.n_experts, comm.size());
   embed_ = std::make_unique<Embedding>("embed", config.vocab_size, d, seed);
   AttentionConfig ac;
@@ -123,9 +142,16 @@ Transformer::Transformer(const ModelConfig& config, const comm::Communicator& co
     auto b = std::make_unique<Block>();
     const std::string p = cat("blocks.", l, ".");
     b->norm1 = std::make_unique<RmsNorm>(p + "norm1", d, config.norm_eps);
-    b->attn = std::make_unique<Attention>(p + "attn", d, ac, seed);
+    if (config.umoe_attention)
+      b->umoe = std::make_unique<UmoeAttention>(p + "attn", d, config.umoe, config.moe, placement_,
+                                                comm, seed);
+    else
+      b->attn = std::make_unique<Attention>(p + "attn", d, ac, seed);
     b->norm2 = std::make_unique<RmsNorm>(p + "norm2", d, config.norm_eps);
-    if (config.is_moe(l))
+    if (config.is_moe(l) && config.share_attention_ffn)
+      b->moe = std::make_unique<MoeLayer>(p + "moe", d, config.moe, placement_, comm, seed,
+                                          b->umoe->experts());
+    else if (config.is_moe(l))
       b->moe = std::make_unique<MoeLayer>(p + "moe", d, config.moe, placement_, comm, seed);
     else if (config.is_peer(l))
       b->peer = std::make_unique<PeerLayer>(p + "peer", d, config.peer, comm, seed);
@@ -159,10 +185,11 @@ void Transformer::collect_params() {
         p.name = cat("blocks.", l, ".moe.", p.name);
         dense_.push_back(p);
       }
-      for (ParamRef p : b.moe->experts().params()) {
-        p.name = cat("blocks.", l, ".moe.", p.name);
-        experts_.push_back(p);
-      }
+      if (b.moe->owns_experts())
+        for (ParamRef p : b.moe->experts().params()) {
+          p.name = cat("blocks.", l, ".moe.", p.name);
+          experts_.push_back(p);
+        }
     } else if (b.peer) {
       take(b.peer->dense_params());
       for (ParamRef& p : b.peer->table_params()) experts_.push_back(p);
@@ -172,7 +199,18 @@ void Transformer::collect_params() {
     b.ffn_params_end = dense_.size();
     take(b.norm2->params());
     b.norm2_end = dense_.size();
-    take(b.attn->params());
+    if (b.umoe) {
+      for (ParamRef p : b.umoe->replicated_params()) {
+        p.name = cat("blocks.", l, ".attn.", p.name);
+        dense_.push_back(p);
+      }
+      for (ParamRef p : b.umoe->experts().params()) {
+        p.name = cat("blocks.", l, ".attn.", p.name);
+        experts_.push_back(p);
+      }
+    } else {
+      take(b.attn->params());
+    }
     b.attn_end = dense_.size();
     take(b.norm1->params());
     b.norm1_end = dense_.size();
@@ -231,7 +269,13 @@ void Transformer::run_block(int l, int64_t n,
 void Transformer::run_blocks(int64_t n, int64_t n_seq) {
   for (int l = 0; l < config_.n_layers; ++l)
     run_block(
-        l, n, [&](Block& b, ConstView h, View out) { b.attn->forward(h, n_seq, out); },
+        l, n,
+        [&](Block& b, ConstView h, View out) {
+          if (b.umoe)
+            b.umoe->forward(h, n_seq, out);
+          else
+            b.attn->forward(h, n_seq, out);
+        },
         /*inference=*/false);
 }
 
@@ -282,7 +326,10 @@ void Transformer::backward(float aux_scale, const std::function<void(size_t)>& o
     b.norm2->backward(tmp, tmp);
     ready_until(b.norm2_end);
     add_into(g, tmp);  // g = dL/dx1
-    b.attn->backward(g, tmp);
+    if (b.umoe)
+      b.umoe->backward(g, tmp, aux_scale);
+    else
+      b.attn->backward(g, tmp);
     ready_until(b.attn_end);
     b.norm1->backward(tmp, tmp);
     ready_until(b.norm1_end);
@@ -324,7 +371,10 @@ void Transformer::run_blocks_cached(int64_t n, std::span<const int64_t> n_new,
     run_block(
         l, n,
         [&](Block& b, ConstView h, View out) {
-          b.attn->forward_cached(h, n_new, layer_caches_, out);
+          if (b.umoe)
+            b.umoe->forward_cached(h, n_new, layer_caches_, out);
+          else
+            b.attn->forward_cached(h, n_new, layer_caches_, out);
         },
         /*inference=*/true);
   }
@@ -395,9 +445,37 @@ std::vector<const MoeLayer*> Transformer::moe_layers() const {
   return out;
 }
 
+UmoeAttention* Transformer::umoe_attention(int block) {
+  return blocks_[static_cast<size_t>(block)]->umoe.get();
+}
+
+std::vector<Transformer::ExpertBankRef> Transformer::expert_banks() {
+  std::vector<ExpertBankRef> out;
+  for (int l = 0; l < config_.n_layers; ++l) {
+    Block& b = *blocks_[static_cast<size_t>(l)];
+    if (b.moe && b.moe->owns_experts())
+      out.push_back({l, cat("blocks.", l, ".moe."), &b.moe->experts()});
+    if (b.umoe)  // key l when the FFN borrows this bank, else one past the blocks
+      out.push_back({b.moe && !b.moe->owns_experts() ? l : config_.n_layers + l,
+                     cat("blocks.", l, ".attn."), &b.umoe->experts()});
+  }
+  return out;
+}
+
 ModelStats Transformer::stats() const {
   ModelStats s;
   int64_t routed = 0, dropped = 0;
+  for (const auto& b : blocks_)
+    if (b->umoe) {
+      const UmoeStats& st = b->umoe->stats();
+      s.aux_loss += st.aux_loss;
+      s.load_balance_loss += st.load_balance_loss;
+      s.z_loss += st.z_loss;
+      s.expert_imbalance = std::max(s.expert_imbalance, st.load.expert_imbalance);
+      routed += st.load.slots_total;
+      s.exchange_seconds += st.exchange_seconds;
+      s.bytes_sent += st.bytes_sent;
+    }
   for (const MoeLayer* m : moe_layers()) {
     const MoeLoadStats& st = m->stats();
     s.aux_loss += st.aux_loss;

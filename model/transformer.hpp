@@ -34,6 +34,7 @@
 #include "model/layers/moe_layer.hpp"
 #include "model/layers/peer.hpp"
 #include "model/layers/rms_norm.hpp"
+#include "model/layers/umoe_attention.hpp"
 #include "runtime/config.hpp"
 
 namespace moe::model {
@@ -52,6 +53,11 @@ struct ModelConfig {
   MoeConfig moe;
   int peer_layer = -1;  // model.moe.kind peer: the block whose FFN is PEER (resolved), else -1
   PeerConfig peer;
+  // model.attention = umoe: every block's attention is a UmoeAttention over experts of
+  // model.moe.* (its own bank, or with share_attention_ffn the bank the block's MoE FFN runs).
+  bool umoe_attention = false;
+  bool share_attention_ffn = false;  // model.moe.share_attention_ffn
+  UmoeConfig umoe;
 
   // Reads model.* from the config; vocab_size 0 there means data_vocab. Throws kConfig errors
   // naming the keys (heads not dividing d_model, a vocabulary smaller than the data's, ...).
@@ -141,6 +147,17 @@ class Transformer {
   std::vector<const MoeLayer*> moe_layers() const;
   // The PEER layer of block l, or nullptr.
   PeerLayer* peer_layer(int block);
+  // The UMoE attention of block l, or nullptr (model.attention = mha).
+  UmoeAttention* umoe_attention(int block);
+  // Every expert bank once, with its checkpoint key: block l for the MoE FFN's bank (also when
+  // the UMoE attention owns it and the FFN borrows it), n_layers + l for a UMoE attention bank
+  // the FFN does not share. prefix names the owner, as in expert_params() ("blocks.3.attn.").
+  struct ExpertBankRef {
+    int layer;
+    std::string prefix;
+    ExpertBank* bank;
+  };
+  std::vector<ExpertBankRef> expert_banks();
 
  private:
   struct Block;

@@ -120,7 +120,9 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
       placement_(placement),
       comm_(comm),
       router_(make_router(config, d_model, comm, seed)),
-      experts_(d_model, config.d_ff, config.activation, placement.local_experts(comm.rank()), seed),
+      own_experts_(std::make_unique<ExpertBank>(d_model, config.d_ff, config.activation,
+                                                placement.local_experts(comm.rank()), seed)),
+      experts_(own_experts_.get()),
       ex_dispatch_(comm, name_ + ".dispatch",
                    {comm::ExchangeAlgorithm::kFlat, config.ranks_per_node}),
       ex_combine_(comm, name_ + ".combine",
@@ -173,6 +175,20 @@ MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
   }
 }
 
+MoeLayer::MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
+                   const comm::ExpertPlacement& placement, const comm::Communicator& comm,
+                   uint64_t seed, ExpertBank& shared_bank)
+    : MoeLayer(std::move(name), d_model, config, placement, comm, seed) {
+  if (shared_bank.d_model() != d_model || shared_bank.d_ff() != config.d_ff ||
+      shared_bank.activation() != config.activation ||
+      shared_bank.global_ids() != placement.local_experts(comm.rank()))
+    throw Error(ErrorKind::kConfig, cat(name_,
+                                        ": the shared expert bank does not match the layer "
+                                        "(width, activation or expert placement)"));
+  own_experts_.reset();
+  experts_ = &shared_bank;
+}
+
 std::vector<ParamRef> MoeLayer::replicated_params() {
   std::vector<ParamRef> out = router_->params();
   if (shared_ffn_)
@@ -186,7 +202,8 @@ std::vector<ParamRef> MoeLayer::replicated_params() {
 
 std::vector<ParamRef> MoeLayer::params() {
   std::vector<ParamRef> out = replicated_params();
-  for (ParamRef& p : experts_.params()) out.push_back(std::move(p));
+  if (own_experts_)
+    for (ParamRef& p : experts_->params()) out.push_back(std::move(p));
   for (ParamRef& p : out) p.name = name_ + "." + p.name;
   return out;
 }
@@ -194,7 +211,7 @@ std::vector<ParamRef> MoeLayer::params() {
 void MoeLayer::zero_grad() {
   for (ParamRef& p : router_->params()) p.grad.fill(0.0f);
   if (shared_ffn_) shared_ffn_->zero_grad();
-  experts_.zero_grad();
+  if (own_experts_) experts_->zero_grad();
 }
 
 void MoeLayer::combine_weighted(View y) const {
@@ -272,7 +289,7 @@ void MoeLayer::run_forward(ConstView x, View y, bool inference) {
     ConstView xin = ex_dispatch_.dispatch_shared(plan_, x);  // dispatch
     View yout = ex_dispatch_.combine_buffer(plan_, d);
     double t0 = seconds_now();
-    experts_.forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
+    experts_->forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
     expert_s += seconds_now() - t0;
     // No backward reads xin: the next dispatch_shared need not wait for this rank.
     if (inference) ex_dispatch_.input_consumed();
@@ -286,7 +303,7 @@ void MoeLayer::run_forward(ConstView x, View y, bool inference) {
   if (C == 1) {
     ex_dispatch_.dispatch(plan_, x, xin);  // dispatch
     double t0 = seconds_now();
-    experts_.forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
+    experts_->forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
     expert_s += seconds_now() - t0;
     ex_combine_.combine(plan_, yout, slot_out);  // combine
   } else {
@@ -301,7 +318,7 @@ void MoeLayer::run_forward(ConstView x, View y, bool inference) {
         ex_dispatch_.dispatch_start(nx.plan, x.row_range(nx.t0, nx.nt));
       }
       double t0 = seconds_now();
-      experts_.forward(rows(xin, ch), ch.plan.recv_offsets(), rows(yout, ch), ch.cache);
+      experts_->forward(rows(xin, ch), ch.plan.recv_offsets(), rows(yout, ch), ch.cache);
       expert_s += seconds_now() - t0;
       if (c > 0) {
         const Chunk& pv = chunks_[c - 1];
@@ -389,7 +406,7 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
     ConstView dyin = ex_combine_.dispatch_slots_shared(plan_, ds);  // combine^T
     View dxin = ex_combine_.combine_buffer(plan_, d);
     double t0 = seconds_now();
-    experts_.backward(dyin, dxin, chunks_[0].cache);  // experts^T
+    experts_->backward(dyin, dxin, chunks_[0].cache);  // experts^T
     expert_s += seconds_now() - t0;
     ex_combine_.combine_shared(plan_, dslot);  // dispatch^T
   } else if (C == 1) {
@@ -397,7 +414,7 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
     View xin(xin_.data(), R, d);    // expert backward writes dL/dxin over its input
     ex_dispatch_.dispatch_slots(plan_, ds, dyin);  // combine^T
     double t0 = seconds_now();
-    experts_.backward(dyin, xin, chunks_[0].cache);  // experts^T
+    experts_->backward(dyin, xin, chunks_[0].cache);  // experts^T
     expert_s += seconds_now() - t0;
     ex_combine_.combine(plan_, xin, dslot);  // dispatch^T
   } else {
@@ -420,7 +437,7 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
       if (c + 1 < C)
         ex_dispatch_.dispatch_start(chunks_[c + 1].slot_plan, slots(ds, chunks_[c + 1]));
       double t0 = seconds_now();
-      experts_.backward(rows(dyin, ch), rows(xin, ch), ch.cache);
+      experts_->backward(rows(dyin, ch), rows(xin, ch), ch.cache);
       expert_s += seconds_now() - t0;
       if (c > 0) ex_combine_.combine_wait(chunks_[c - 1].slot_plan, slots(dslot, chunks_[c - 1]));
       ex_combine_.combine_start(ch.slot_plan, rows(xin, ch));

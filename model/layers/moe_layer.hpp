@@ -125,6 +125,13 @@ class MoeLayer {
   // ranks_per_node that does not divide the rank count is an Error(kConfig)).
   MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
            const comm::ExpertPlacement& placement, const comm::Communicator& comm, uint64_t seed);
+  // The same over a borrowed ExpertBank (UMoE: the block's attention owns the experts and this
+  // FFN layer runs the same ones; model.moe.share_attention_ffn). The bank must outlive the
+  // layer and match config (d_ff, activation, this rank's experts). Its gradients accumulate
+  // from both users; params() and zero_grad() leave it to its owner.
+  MoeLayer(std::string name, int64_t d_model, const MoeConfig& config,
+           const comm::ExpertPlacement& placement, const comm::Communicator& comm, uint64_t seed,
+           ExpertBank& shared_bank);
 
   // x [T, d] -> y [T, d]. x must stay valid until backward(). Collective.
   void forward(ConstView x, View y);
@@ -146,7 +153,8 @@ class MoeLayer {
   // The last forward's whole-batch plan (kept() tells which slots survived capacity).
   const comm::DispatchPlan& plan() const { return plan_; }
   Router& router() { return *router_; }
-  ExpertBank& experts() { return experts_; }
+  ExpertBank& experts() { return *experts_; }
+  bool owns_experts() const { return own_experts_ != nullptr; }
   const MoeConfig& config() const { return config_; }
   // The path config.exchange resolved to: kShared, kHierarchical or kAlltoallv.
   ExchangeMode exchange() const { return mode_; }
@@ -185,8 +193,9 @@ class MoeLayer {
   comm::ExpertPlacement placement_;  // a copy: plain data
   const comm::Communicator& comm_;
   std::unique_ptr<Router> router_;
-  std::unique_ptr<Ffn> shared_ffn_;  // shared experts, or nullptr
-  ExpertBank experts_;
+  std::unique_ptr<Ffn> shared_ffn_;               // shared experts, or nullptr
+  std::unique_ptr<ExpertBank> own_experts_;       // nullptr when borrowed
+  ExpertBank* experts_;                           // own_experts_ or the borrowed bank
   comm::Exchange ex_dispatch_, ex_combine_;       // two, so a dispatch and a combine can overlap
   bool shared_ = false;                           // node-local shared-window path (see the top)
   ExchangeMode mode_ = ExchangeMode::kAlltoallv;  // resolved comm.exchange

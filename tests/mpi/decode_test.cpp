@@ -41,10 +41,17 @@ double max_diff(ConstView a, ConstView b) {
   return m;
 }
 
-void check_decode(int every_n) {
+void check_decode(int every_n, bool umoe = false, bool share = false) {
   Communicator world = Communicator::world();
   const bool root = world.rank() == 0;
-  const ModelConfig cfg = tiny(every_n);
+  ModelConfig cfg = tiny(every_n);
+  if (umoe) {  // UMoE attention: the cache holds its rotated key and the hidden states
+    cfg.umoe_attention = true;
+    cfg.share_attention_ffn = share;
+    cfg.umoe.d_qk = 6;
+    cfg.umoe.query_rank = 3;
+    cfg.umoe.shared_experts = 1;
+  }
   Transformer model(cfg, world, 99);
   std::mt19937 rng(5);
   const std::vector<int64_t> prompt_len = {5, 9, 2};
@@ -122,6 +129,12 @@ TEST(Decode, KvCacheMatchesFullRecomputeMoe) {
 }
 TEST(Decode, KvCacheMatchesFullRecomputeMixed) {
   check_decode(2);
+}
+TEST(Decode, KvCacheMatchesFullRecomputeUmoeShared) {
+  check_decode(1, true, true);
+}
+TEST(Decode, KvCacheMatchesFullRecomputeUmoeAttentionOnly) {
+  check_decode(0, true);
 }
 TEST(Decode, KvCacheMatchesFullRecomputeDense) {
   check_decode(0);
