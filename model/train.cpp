@@ -138,15 +138,12 @@ TrainSummary train(const Config& config, const TrainOptions& options,
 
   std::vector<View> dense_grads;
   std::vector<ConstView> dense_cgrads, expert_cgrads;
-  std::vector<View> all_grads;
   for (const ParamRef& p : model.dense_params()) {
     dense_grads.push_back(p.grad);
     dense_cgrads.push_back(p.grad);
-    all_grads.push_back(p.grad);
   }
   for (const ParamRef& p : model.expert_params()) {
     expert_cgrads.push_back(p.grad);
-    all_grads.push_back(p.grad);
   }
   comm::AllReduceOptions ro;
   ro.bucket_bytes = static_cast<int64_t>(config.get_float("comm.bucket_mb") * (1 << 20));
@@ -270,8 +267,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       skipped = true;
       ++steps_skipped;
     } else {
-      clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
-      opt.step(lr);
+      // Clipping inside the update: one pass over parameters, gradients and moments.
+      opt.step(lr, clip_factor(norm, config.get_float("train.grad_clip")));
     }
     const double dt = now_s() - t0;
     const double tps = tokens_per_step / dt;
