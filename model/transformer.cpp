@@ -331,6 +331,19 @@ std::vector<const MoeLayer*> Transformer::moe_layers() const {
   return out;
 }
 
+ActivationBytes Transformer::activation_bytes() const {
+  ActivationBytes a;
+  for (const Tensor& t : x_) a.streams += t.numel() * 4;
+  a.streams += h_final_.numel() * 4;
+  for (const auto& b : blocks_) {
+    a.streams += (b->h1.numel() + b->x1.numel() + b->h2.numel() + b->out.numel()) * 4;
+    a.attention_probs += b->attn->probs_bytes();
+    a.attention_qkv += b->attn->cache_bytes();
+  }
+  a.head = head_->cache_bytes();
+  return a;
+}
+
 ModelStats Transformer::stats() const {
   ModelStats s;
   int64_t routed = 0, dropped = 0;

@@ -113,6 +113,9 @@ class Attention {
   // parameter gradients. Consumes the cache.
   void backward(ConstView dy, View dx);
 
+  // Bytes of the backward cache held now: probabilities, and q/k/v plus head outputs.
+  int64_t probs_bytes() const { return probs_.numel() * 4; }
+  int64_t cache_bytes() const { return (qkv_.numel() + att_.numel()) * 4; }
   int64_t d_model() const { return d_; }
   int64_t n_heads() const { return h_; }
   int64_t d_head() const { return dh_; }
