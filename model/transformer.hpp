@@ -168,6 +168,7 @@ class Transformer {
   // Activations of the last forward: x_[l] is block l's input [N, d]; x_[L] the final stream.
   std::vector<Tensor> x_;
   Tensor h_final_;                      // [N, d] final norm output
+  Tensor out_;                          // [N, d] a block's attention or FFN output (scratch)
   Tensor dx_, dtmp_;                    // [N, d] backward scratch
   std::vector<int32_t> ids_, targets_;  // [N]
   int64_t n_tokens_ = 0, n_seq_ = 0;

@@ -340,7 +340,7 @@ void Attention::backward(ConstView dy, View dx) {
   if (n == 0) return;
   ConstView qkv(qkv_.data(), n, 3 * d);
   ConstView att(att_.data(), n, d);
-  View datt = scratch(datt_, n, d);
+  View datt(att_.data(), n, d);  // over att, once dWo has read it
   View dqkv = scratch(dqkv_, n, 3 * d);
   float* probs = probs_.data();
   const int64_t pair_floats = tile_off_.back();

@@ -150,7 +150,6 @@ class Attention {
   std::vector<int64_t> tile_off_;
   Tensor att_;  // [N, d]
   // Backward scratch.
-  Tensor datt_;             // [N, d]
   Tensor dqkv_;             // [N, 3d]
   std::vector<Tensor> dp_;  // per thread: [T, T] dL/dP
 
