@@ -42,13 +42,14 @@ int64_t AdamW::find(const std::string& name) const {
   return -1;
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, float grad_scale) {
   for (Slot& s : slots_)
-    adamw_update(s.param.value, s.param.grad, s.state, lr, s.decay, options_, s.param.sparse_rows);
+    adamw_update(s.param.value, s.param.grad, s.state, lr, s.decay, options_, s.param.sparse_rows,
+                 grad_scale);
 }
 
 void adamw_update(View value, ConstView grad, AdamState& state, double lr, bool decay,
-                  const AdamWOptions& o, const std::vector<int64_t>* rows) {
+                  const AdamWOptions& o, const std::vector<int64_t>* rows, float grad_scale) {
   const int64_t t = ++state.step;
   const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
@@ -72,7 +73,7 @@ void adamw_update(View value, ConstView grad, AdamState& state, double lr, bool 
     float* vi = v + i * cols;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
-      const float gj = g[j];
+      const float gj = g[j] * grad_scale;
       mi[j] = b1 * mi[j] + c1 * gj;
       vi[j] = b2 * vi[j] + c2 * gj * gj;
       const float denom = std::sqrt(vi[j]) * inv_sqrt_bc2 + eps;
@@ -90,9 +91,14 @@ double LrSchedule::at(int64_t step) const {
   return min_lr + (lr - min_lr) * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
+float clip_factor(double norm, double max_norm) {
+  if (max_norm <= 0 || !std::isfinite(norm) || norm <= max_norm) return 1.0f;
+  return static_cast<float>(max_norm / norm);
+}
+
 double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm) {
-  if (max_norm <= 0 || !std::isfinite(norm) || norm <= max_norm) return 1.0;
-  const float f = static_cast<float>(max_norm / norm);
+  const float f = clip_factor(norm, max_norm);
+  if (f == 1.0f) return 1.0;
   for (const View& g : grads)
     for (int64_t i = 0; i < g.rows; ++i) {
       float* r = g.row(i);

@@ -54,9 +54,12 @@ class AdamW {
     for (const ParamRef& p : params) add(p);
   }
 
-  // One update of every registered parameter from its gradient, with learning rate lr.
-  // OpenMP inside (call from serial code). Local.
-  void step(double lr);
+  // One update of every registered parameter from grad_scale x its gradient, with learning
+  // rate lr: grad_scale is the clipping factor (clip_factor), applied inside the update's one
+  // pass instead of a pass of its own; the gradients are left as they are. Gives bitwise the
+  // update of clip_grad_norm (same float product g * scale) then step(lr). OpenMP inside (call
+  // from serial code). Local.
+  void step(double lr, float grad_scale = 1.0f);
 
   size_t size() const { return slots_.size(); }
   const ParamRef& param(size_t i) const { return slots_[i].param; }
@@ -77,14 +80,16 @@ class AdamW {
   std::vector<Slot> slots_;
 };
 
-// One AdamW update of one parameter (the formula above), t = state.step + 1 afterwards.
+// One AdamW update of one parameter (the formula above) from grad_scale x grad, t =
+// state.step + 1 afterwards.
 // Sparse form (rows != nullptr, a parameter with ParamRef::sparse_rows): only the listed rows
 // change, weights, decay and moments alike; the others keep their values and their (stale)
 // moments until a step touches them again. The bias correction uses the parameter's step
 // count t, as PyTorch's SparseAdam does, so the state is still (m, v, t) and checkpoints are
 // unchanged.
 void adamw_update(View value, ConstView grad, AdamState& state, double lr, bool decay,
-                  const AdamWOptions& options, const std::vector<int64_t>* rows = nullptr);
+                  const AdamWOptions& options, const std::vector<int64_t>* rows = nullptr,
+                  float grad_scale = 1.0f);
 
 // Linear warmup then cosine decay, for optimiser step s = 0, 1, ... (0-based, the step being
 // taken):
@@ -101,9 +106,13 @@ struct LrSchedule {
   double at(int64_t step) const;
 };
 
-// Scales every gradient by min(1, max_norm / norm) and returns that factor. max_norm <= 0
-// disables clipping; a norm that is zero or not finite leaves the gradients alone (factor 1: the
-// caller decides what to do with a NaN/Inf step). Local: `norm` is already global.
+// The clipping factor min(1, max_norm / norm) as a float. max_norm <= 0 disables clipping; a
+// norm that is zero or not finite gives 1 (the caller decides what to do with a NaN/Inf step).
+// Local: `norm` is already global.
+float clip_factor(double norm, double max_norm);
+
+// Scales every gradient by clip_factor(norm, max_norm) and returns it. The training loop passes
+// the factor to AdamW::step instead (one pass over the parameters, not two).
 double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm);
 
 }  // namespace moe::model

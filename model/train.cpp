@@ -2,10 +2,13 @@
 
 #include <signal.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <memory>
 
 #include "comm/allreduce.hpp"
@@ -45,6 +48,14 @@ const char* signal_name(int sig) {
     default:
       return "unknown";
   }
+}
+
+// Resident set size of this process now, in MiB (0 if /proc is unavailable).
+double current_rss_mb() {
+  std::ifstream statm("/proc/self/statm");
+  double pages = 0, resident = 0;
+  if (!(statm >> pages >> resident)) return 0.0;
+  return resident * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
 }
 
 // The held-out set is drawn from its own stream, the same for every step and rank count.
@@ -215,15 +226,12 @@ TrainSummary train(const Config& config, const TrainOptions& options,
 
   std::vector<View> dense_grads;
   std::vector<ConstView> dense_cgrads, expert_cgrads;
-  std::vector<View> all_grads;
   for (const ParamRef& p : model.dense_params()) {
     dense_grads.push_back(p.grad);
     dense_cgrads.push_back(p.grad);
-    all_grads.push_back(p.grad);
   }
   for (const ParamRef& p : model.expert_params()) {
     expert_cgrads.push_back(p.grad);
-    all_grads.push_back(p.grad);
   }
   comm::AllReduceOptions ro;
   ro.bucket_bytes = static_cast<int64_t>(config.get_float("comm.bucket_mb") * (1 << 20));
@@ -269,6 +277,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   const double job_peak = comm.sum(per_thread_gflops * run.threads.omp_threads, "peak");
   const double flops_per_token = mc->flops_per_token(shape.seq_len);
 
+  // Memory before the first step: libraries, MPI, parameters, gradients and Adam states.
+  const double rss_setup_mb = current_rss_mb();
+  const int64_t tensors_setup = tensor_bytes_live();
   MetricsWriter metrics(
       options.metrics_path.empty() ? run.dir + "/metrics.jsonl" : options.metrics_path,
       rank == 0 && (config.get_bool("run.metrics") || !options.metrics_path.empty()));
@@ -335,8 +346,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       skipped = true;
       ++steps_skipped;
     } else {
-      clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
-      opt.step(lr);
+      // Clipping inside the update: one pass over parameters, gradients and moments.
+      opt.step(lr, clip_factor(norm, config.get_float("train.grad_clip")));
     }
     model.end_step(!skipped);  // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
@@ -421,6 +432,44 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   for (const ParamRef& p : model.expert_params())
     local_params += static_cast<double>(p.value.size());
   const double state_mb = comm.max(local_params * 4 * sizeof(float) / (1024.0 * 1024.0), "state");
+  // The breakdown, on the rank with the largest peak: tensors (state + activations and
+  // scratch) and the rest (libraries, MPI and its shared windows, small vectors).
+  const double mib = 1024.0 * 1024.0;
+  const bool top = comm.max(static_cast<double>(usage.ru_maxrss), "peak rank") ==
+                   static_cast<double>(usage.ru_maxrss);
+  const int top_rank = static_cast<int>(comm.max(top ? rank : -1, "peak rank"));
+  const ActivationBytes act = model.activation_bytes();
+  std::vector<double> mem = {rss_setup_mb,
+                             static_cast<double>(tensors_setup) / mib,
+                             static_cast<double>(tensor_bytes_peak()) / mib,
+                             static_cast<double>(act.attention_probs) / mib,
+                             static_cast<double>(act.attention_qkv) / mib,
+                             static_cast<double>(act.streams) / mib,
+                             static_cast<double>(act.head) / mib};
+  if (rank != top_rank) std::fill(mem.begin(), mem.end(), 0.0);
+  comm.allreduce_max(mem.data(), static_cast<int64_t>(mem.size()), "memory breakdown");
+  const nlohmann::json memory = {
+      {"peak_rss_mb", rss_mb},
+      {"state_mb", state_mb},
+      {"rss_before_first_step_mb", mem[0]},
+      {"tensors_before_first_step_mb", mem[1]},
+      {"tensors_peak_mb", mem[2]},
+      {"activations_and_scratch_mb", mem[2] - mem[1]},
+      {"attention_probs_mb", mem[3]},
+      {"attention_qkv_out_mb", mem[4]},
+      {"residual_streams_mb", mem[5]},
+      {"lm_head_logits_mb", mem[6]},
+      {"moe_ffn_and_scratch_mb", mem[2] - mem[1] - (mem[3] + mem[4] + mem[5] + mem[6])},
+      {"non_tensor_mb", rss_mb - mem[2]}};
+  log::info0("memory (rank ", top_rank, ", MiB): peak RSS ", std::lround(rss_mb), " = state ",
+             std::lround(state_mb), " (params + grads + Adam m, v) + activations and scratch ",
+             std::lround(mem[2] - mem[1]), " (attention probs ", std::lround(mem[3]),
+             ", q/k/v/out ", std::lround(mem[4]), ", residual streams ", std::lround(mem[5]),
+             ", logits ", std::lround(mem[6]), ", MoE/FFN and scratch ",
+             std::lround(mem[2] - mem[1] - (mem[3] + mem[4] + mem[5] + mem[6])),
+             ") + other tensors ", std::lround(mem[1] - state_mb), " + non-tensor ",
+             std::lround(rss_mb - mem[2]), " (libraries, MPI, windows; ",
+             std::lround(mem[0] - mem[1]), " before the first step)");
   nlohmann::json done = {{"summary", true},
                          {"steps", steps_done},
                          {"skipped_steps", steps_skipped},
@@ -437,6 +486,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"peak_gflops", job_peak},
                          {"peak_rss_mb", rss_mb},
                          {"state_mb", state_mb},
+                         {"memory", memory},
                          {"ranks", P},
                          {"checkpoint", summary.checkpoint}};
   if (summary.stopped_by_signal != 0)

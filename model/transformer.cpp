@@ -124,7 +124,7 @@ struct Transformer::Block {
   std::unique_ptr<Ffn> ffn;             // dense blocks
   std::unique_ptr<MoeLayer> moe;        // MoE blocks
   std::unique_ptr<PeerLayer> peer;      // the PEER block
-  Tensor h1, x1, h2, out;               // [N, d]: norm1 output, mid residual, norm2 output, scratch
+  Tensor h1, x1, h2;                    // [N, d]: norm1 output, mid residual, norm2 output
   // Ranges of dense_params() finished by each backward stage.
   size_t ffn_params_end = 0, norm2_end = 0, attn_end = 0, norm1_end = 0;
 };
@@ -250,7 +250,7 @@ void Transformer::run_block(int l, int64_t n,
   Block& b = *blocks_[static_cast<size_t>(l)];
   ConstView x(x_[static_cast<size_t>(l)].data(), n, d);
   View h1 = rows(b.h1, n, d), x1 = rows(b.x1, n, d), h2 = rows(b.h2, n, d);
-  View out = rows(b.out, n, d);
+  View out = rows(out_, n, d);  // one scratch for every block's two sublayer outputs
   b.norm1->forward(x, h1);
   attend(b, h1, out);
   add(x, out, x1);
@@ -460,6 +460,21 @@ std::vector<Transformer::ExpertBankRef> Transformer::expert_banks() {
                      cat("blocks.", l, ".attn."), &b.umoe->experts()});
   }
   return out;
+}
+
+ActivationBytes Transformer::activation_bytes() const {
+  ActivationBytes a;
+  for (const Tensor& t : x_) a.streams += t.numel() * 4;
+  a.streams += (h_final_.numel() + out_.numel()) * 4;
+  for (const auto& b : blocks_) {
+    a.streams += (b->h1.numel() + b->x1.numel() + b->h2.numel()) * 4;
+    if (b->attn) {  // UMoE attention keeps its own caches (not counted here)
+      a.attention_probs += b->attn->probs_bytes();
+      a.attention_qkv += b->attn->cache_bytes();
+    }
+  }
+  a.head = head_->cache_bytes();
+  return a;
 }
 
 ModelStats Transformer::stats() const {

@@ -82,6 +82,16 @@ struct ModelStats {
   int64_t bytes_sent = 0;
 };
 
+// Bytes of the activations the model keeps between forward and backward (buffer capacities,
+// this rank), by kind. MoE layers and dense FFNs are not itemised (the rest of the tensor peak).
+struct ActivationBytes {
+  int64_t attention_probs = 0;  // causal tiles of the probabilities, all blocks
+  int64_t attention_qkv = 0;    // q, k, v and head outputs, all blocks
+  int64_t streams = 0;          // residual stream per block, norm outputs, block outputs
+  int64_t head = 0;             // logits / dlogits [N, V]
+  int64_t total() const { return attention_probs + attention_qkv + streams + head; }
+};
+
 // One sequence's decoding state: a KV cache per block, preallocated to `capacity` positions.
 struct SequenceCache {
   std::vector<KvCache> layers;  // [L]
@@ -139,6 +149,7 @@ class Transformer {
   void end_step(bool applied);
 
   ModelStats stats() const;
+  ActivationBytes activation_bytes() const;
   const ModelConfig& config() const { return config_; }
   const comm::ExpertPlacement& placement() const { return placement_; }
   // The MoE layer of block l, or nullptr for a dense block.
@@ -187,6 +198,7 @@ class Transformer {
   // Activations of the last forward: x_[l] is block l's input [N, d]; x_[L] the final stream.
   std::vector<Tensor> x_;
   Tensor h_final_;                      // [N, d] final norm output
+  Tensor out_;                          // [N, d] a block's attention or FFN output (scratch)
   Tensor dx_, dtmp_;                    // [N, d] backward scratch
   std::vector<int32_t> ids_, targets_;  // [N]
   int64_t n_tokens_ = 0, n_seq_ = 0;

@@ -1,6 +1,7 @@
 #include "runtime/tensor.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -8,6 +9,30 @@
 #include <utility>
 
 namespace moe {
+
+namespace {
+// Bytes of all live tensor buffers (capacity) and the most ever live at once.
+std::atomic<int64_t> g_live_bytes{0}, g_peak_bytes{0};
+
+void count_alloc(int64_t n_floats) {
+  const int64_t now = g_live_bytes.fetch_add(n_floats * 4) + n_floats * 4;
+  int64_t peak = g_peak_bytes.load();
+  while (now > peak && !g_peak_bytes.compare_exchange_weak(peak, now)) {
+  }
+}
+
+void count_free(int64_t n_floats) {
+  g_live_bytes.fetch_sub(n_floats * 4);
+}
+}  // namespace
+
+int64_t tensor_bytes_live() {
+  return g_live_bytes.load();
+}
+
+int64_t tensor_bytes_peak() {
+  return g_peak_bytes.load();
+}
 
 void View::fill(float v) const {
   for (int64_t i = 0; i < rows; ++i) std::fill(row(i), row(i) + cols, v);
@@ -18,6 +43,7 @@ Tensor::Tensor(std::initializer_list<int64_t> shape) {
 }
 
 Tensor::~Tensor() {
+  count_free(capacity_);
   std::free(data_);
 }
 
@@ -30,6 +56,7 @@ Tensor::Tensor(Tensor&& other) noexcept
 
 Tensor& Tensor::operator=(Tensor&& other) noexcept {
   if (this != &other) {
+    count_free(capacity_);
     std::free(data_);
     data_ = std::exchange(other.data_, nullptr);
     numel_ = std::exchange(other.numel_, 0);
@@ -53,6 +80,7 @@ void Tensor::allocate(std::initializer_list<int64_t> shape) {
   rank_ = r;
   numel_ = n;
   if (n > capacity_) {
+    count_free(capacity_);
     std::free(data_);
     data_ = nullptr;
     capacity_ = 0;
@@ -62,6 +90,7 @@ void Tensor::allocate(std::initializer_list<int64_t> shape) {
     data_ = static_cast<float*>(std::aligned_alloc(kAlignment, bytes));
     if (data_ == nullptr) throw std::bad_alloc();
     capacity_ = n;
+    count_alloc(n);
   }
   if (n > 0) std::memset(data_, 0, static_cast<size_t>(n) * sizeof(float));
 }
@@ -81,6 +110,7 @@ Tensor Tensor::clone() const {
     t.data_ = static_cast<float*>(std::aligned_alloc(kAlignment, bytes));
     if (t.data_ == nullptr) throw std::bad_alloc();
     t.capacity_ = numel_;
+    count_alloc(numel_);
     std::memcpy(t.data_, data_, static_cast<size_t>(numel_) * sizeof(float));
   }
   return t;

@@ -115,6 +115,11 @@ class Tensor {
   std::array<int64_t, kMaxRank> shape_{};
 };
 
+// Bytes held by all live Tensor buffers of this process, and the most ever held at once (for the
+// memory breakdown of a run). Thread-safe.
+int64_t tensor_bytes_live();
+int64_t tensor_bytes_peak();
+
 // out = in (shapes must match); the one explicit copy helper.
 void copy(ConstView in, View out);
 

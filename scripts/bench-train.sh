@@ -16,7 +16,11 @@ ref=${TORCH_REFERENCE:-../shared/bench/torch_reference.py}
 [ -s data/kjv.h5 ] || { bash scripts/export-corpus.sh data >/dev/null; "$bin/moe-data" build --input data/kjv.txt --output data/kjv.h5 >/dev/null; }
 out=runs/bench-train-d$D
 rm -rf "$out"
-OMP_NUM_THREADS=$THREADS mpirun -np "$RANKS" "$bin/moe-train" --config examples/configs/small.yaml \
+# Open MPI binds each rank to one core by default: a rank with several threads needs
+# --bind-to none, or its threads share one core.
+bind=()
+[ "$THREADS" -gt 1 ] && bind=(--bind-to none)
+OMP_NUM_THREADS=$THREADS mpirun -np "$RANKS" "${bind[@]}" "$bin/moe-train" --config examples/configs/small.yaml \
   --set model.d_model="$D" --set model.moe.d_ff="$F" --set model.n_heads=4 \
   --set train.global_batch=8 --set train.micro_batch=$((8 / RANKS)) --set train.steps="$STEPS" \
   --set train.eval_every=0 --set train.eval_batches=1 --set run.dir="$out" \

@@ -127,9 +127,11 @@ Attention::Attention(std::string name, int64_t d_model, const AttentionConfig& c
       d_(d_model),
       h_(config.n_heads),
       dh_(checked_head_width(name_, d_model, config.n_heads)),
+      tile_(config.query_tile),
       bias_(config.bias),
       rope_(dh_, config.rope_base),
       rope_decode_(dh_, config.rope_base) {
+  MOE_CHECK(tile_ >= 1, name_, ": query_tile ", tile_);
   w_qkv_ = Tensor({d_, 3 * d_});
   dw_qkv_ = Tensor({d_, 3 * d_});
   w_o_ = Tensor({d_, d_});
@@ -166,9 +168,24 @@ void Attention::zero_grad() {
   }
 }
 
-ConstView Attention::probs(int64_t b, int64_t h) const {
+void Attention::plan_tiles(int64_t T) {
+  tile_off_.assign(1, 0);
+  for (int64_t r0 = 0; r0 < T; r0 += tile_) {
+    const int64_t e = std::min(T, r0 + tile_);
+    tile_off_.push_back(tile_off_.back() + (e - r0) * e);
+  }
+}
+
+Tensor Attention::probs(int64_t b, int64_t h) const {
   MOE_CHECK(b >= 0 && b < n_seq_ && h >= 0 && h < h_, name_, ".probs(", b, ", ", h, ")");
-  return ConstView(probs_.data() + (b * h_ + h) * t_ * t_, t_, t_);
+  Tensor out({std::max<int64_t>(t_, 1), std::max<int64_t>(t_, 1)});
+  const float* base = probs_.data() + (b * h_ + h) * tile_off_.back();
+  for (size_t i = 0; i + 1 < tile_off_.size(); ++i) {
+    const int64_t r0 = static_cast<int64_t>(i) * tile_, e = std::min(t_, r0 + tile_);
+    for (int64_t t = r0; t < e; ++t)
+      std::copy_n(base + tile_off_[i] + (t - r0) * e, e, out.data() + t * t_);
+  }
+  return out;
 }
 
 void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
@@ -185,7 +202,9 @@ void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
   if (n == 0) return;
   View qkv = scratch(qkv_, n, 3 * d);
   View att = scratch(att_, n, d);
-  float* probs = scratch(probs_, n_seq * H * T, T).data;
+  plan_tiles(T);
+  const int64_t pair_floats = tile_off_.back();
+  float* probs = scratch(probs_, n_seq * H, pair_floats).data;
   rope_.prepare(pos0, T);
 
   gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
@@ -201,25 +220,31 @@ void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
     ConstView v = rows.col_range(2 * d + h * dh, dh);
     rope_.apply(q);
     rope_.apply(k);
-    View s(probs + p * T * T, T, T);
-    gemm(Trans::kNo, Trans::kYes, scale, q, k, 0.0f, s);
-    // Causal, stable softmax: row t sees columns 0..t; the rest become exact zeros.
-    for (int64_t t = 0; t < T; ++t) {
-      float* r = s.row(t);
-      float m = r[0];
-      for (int64_t j = 1; j <= t; ++j) m = std::max(m, r[j]);
-      float sum = 0.0f;
+    View o = att.row_range(b * T, T).col_range(h * dh, dh);
+    for (size_t i = 0; i + 1 < tile_off_.size(); ++i) {
+      // Query rows [r0, e) see keys [0, e): only the blocks on or below the diagonal.
+      const int64_t r0 = static_cast<int64_t>(i) * tile_, e = std::min(T, r0 + tile_);
+      View s(probs + p * pair_floats + tile_off_[i], e - r0, e);
+      gemm(Trans::kNo, Trans::kYes, scale, q.row_range(r0, e - r0), ConstView(k).row_range(0, e),
+           0.0f, s);
+      // Causal, stable softmax: row t sees columns 0..t; the rest become exact zeros.
+      for (int64_t t = r0; t < e; ++t) {
+        float* r = s.row(t - r0);
+        float m = r[0];
+        for (int64_t j = 1; j <= t; ++j) m = std::max(m, r[j]);
+        float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j <= t; ++j) {
-        r[j] = act::exp_approx(r[j] - m);
-        sum += r[j];
-      }
-      const float inv = 1.0f / sum;
+        for (int64_t j = 0; j <= t; ++j) {
+          r[j] = act::exp_approx(r[j] - m);
+          sum += r[j];
+        }
+        const float inv = 1.0f / sum;
 #pragma omp simd
-      for (int64_t j = 0; j <= t; ++j) r[j] *= inv;
-      for (int64_t j = t + 1; j < T; ++j) r[j] = 0.0f;
+        for (int64_t j = 0; j <= t; ++j) r[j] *= inv;
+        for (int64_t j = t + 1; j < e; ++j) r[j] = 0.0f;
+      }
+      gemm(Trans::kNo, Trans::kNo, 1.0f, s, v.row_range(0, e), 0.0f, o.row_range(r0, e - r0));
     }
-    gemm(Trans::kNo, Trans::kNo, 1.0f, s, v, 0.0f, att.row_range(b * T, T).col_range(h * dh, dh));
   }
 
   gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
@@ -315,9 +340,10 @@ void Attention::backward(ConstView dy, View dx) {
   if (n == 0) return;
   ConstView qkv(qkv_.data(), n, 3 * d);
   ConstView att(att_.data(), n, d);
-  View datt = scratch(datt_, n, d);
+  View datt(att_.data(), n, d);  // over att, once dWo has read it
   View dqkv = scratch(dqkv_, n, 3 * d);
   float* probs = probs_.data();
+  const int64_t pair_floats = tile_off_.back();
   if (dp_.size() < static_cast<size_t>(omp_get_max_threads()))
     dp_.resize(static_cast<size_t>(omp_get_max_threads()));
 
@@ -341,24 +367,32 @@ void Attention::backward(ConstView dy, View dx) {
       View drows = dqkv.row_range(b * T, T);
       View dq = drows.col_range(h * dh, dh), dk = drows.col_range(d + h * dh, dh);
       View dv = drows.col_range(2 * d + h * dh, dh);
-      View pm(probs + p * T * T, T, T);
-      View dpm = scratch(dp_buf, T, T);
-      // dV = P^T dO;  dP = dO V^T.
-      gemm(Trans::kYes, Trans::kNo, 1.0f, pm, dout, 0.0f, dv);
-      gemm(Trans::kNo, Trans::kYes, 1.0f, dout, v, 0.0f, dpm);
-      // dS = P * (dP - rowsum(P * dP)), in place of P (zero above the diagonal stays zero).
-      for (int64_t t = 0; t < T; ++t) {
-        float* pr = pm.row(t);
-        const float* gr = dpm.row(t);
-        float dot = 0.0f;
+      // Query tiles last to first: the last tile sees every key, so its dV and dk products
+      // (beta 0) overwrite all T rows and the earlier tiles accumulate into their prefixes.
+      for (size_t i = tile_off_.size() - 1; i-- > 0;) {
+        const int64_t r0 = static_cast<int64_t>(i) * tile_, e = std::min(T, r0 + tile_);
+        const int64_t nr = e - r0;
+        const float beta = i + 2 == tile_off_.size() ? 0.0f : 1.0f;
+        View pm(probs + p * pair_floats + tile_off_[i], nr, e);
+        View dpm = scratch(dp_buf, nr, e);
+        ConstView dout_i = dout.row_range(r0, nr);
+        // dV = P^T dO;  dP = dO V^T.
+        gemm(Trans::kYes, Trans::kNo, 1.0f, pm, dout_i, beta, dv.row_range(0, e));
+        gemm(Trans::kNo, Trans::kYes, 1.0f, dout_i, v.row_range(0, e), 0.0f, dpm);
+        // dS = P * (dP - rowsum(P * dP)), in place of P (zero above the diagonal stays zero).
+        for (int64_t t = r0; t < e; ++t) {
+          float* pr = pm.row(t - r0);
+          const float* gr = dpm.row(t - r0);
+          float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j <= t; ++j) dot += pr[j] * gr[j];
+          for (int64_t j = 0; j <= t; ++j) dot += pr[j] * gr[j];
 #pragma omp simd
-        for (int64_t j = 0; j <= t; ++j) pr[j] = pr[j] * (gr[j] - dot);
+          for (int64_t j = 0; j <= t; ++j) pr[j] = pr[j] * (gr[j] - dot);
+        }
+        // dq = scale dS k;  dk = scale dS^T q  (both for the rotated q, k).
+        gemm(Trans::kNo, Trans::kNo, scale, pm, k.row_range(0, e), 0.0f, dq.row_range(r0, nr));
+        gemm(Trans::kYes, Trans::kNo, scale, pm, q.row_range(r0, nr), beta, dk.row_range(0, e));
       }
-      // dq = scale dS k;  dk = scale dS^T q  (both for the rotated q, k), then un-rotate.
-      gemm(Trans::kNo, Trans::kNo, scale, pm, k, 0.0f, dq);
-      gemm(Trans::kYes, Trans::kNo, scale, pm, q, 0.0f, dk);
       rope_.apply_transpose(dq);
       rope_.apply_transpose(dk);
     }

@@ -20,13 +20,17 @@
 // Cache (what backward needs), kept by forward:
 //   x      [N, d]         borrowed input (must stay valid until backward)
 //   qkv    [N, 3d]        q, k after RoPE, and v
-//   probs  [B*H*T, T]     attention probabilities (zeros above the diagonal)
+//   probs  [B*H, ~T^2/2]  attention probabilities, only the causal tiles (below)
 //   att    [N, d]         head outputs before Wo
-// i.e. 4 (4 N d + B H T^2) bytes per layer: with B 8, T 256, d 256, H 4 that is 8 MiB of
-// probabilities and 8 MiB of the rest. Storing P rather than recomputing it saves one
-// [T, T, d_h] GEMM and the softmax per head in backward; at these T the probabilities are
-// about as large as the activations, so storing wins. Backward overwrites probs with dS
-// (one backward per forward).
+// Causal tiles: queries are taken in tiles of q_t rows (AttentionConfig::query_tile); tile
+// [r0, e) attends to keys [0, e), so its scores, probabilities and products cover only the
+// [e - r0, e] blocks on or below the diagonal, stored back to back (row stride e). With
+// T 256 and q_t 64 that is 10 of the 16 [64, 64] blocks: 62.5% of the full [T, T] work and
+// memory, (T/q_t + 1) / (2 T/q_t) in general. Cache size: 4 (4 N d + B H T (T + q_t) / 2)
+// bytes per layer: with B 8, T 256, d 256, H 4 that is 5 MiB of probabilities and 8 MiB of
+// the rest. Storing P rather than recomputing it saves one [T, T, d_h] GEMM and the softmax
+// per head in backward; at these T the probabilities are smaller than the activations, so
+// storing wins. Backward overwrites probs with dS (one backward per forward).
 //
 // Parallelism: the projections are single BLIS GEMMs on all threads (called from serial
 // code); RoPE, scores, softmax and P v run as one OpenMP loop over the B*H (sequence, head)
@@ -85,6 +89,10 @@ struct AttentionConfig {
   int64_t n_heads = 4;
   bool bias = false;  // biases on the QKV and output projections
   double rope_base = 10000.0;
+  // Query rows per causal tile: scores, softmax and mixing touch only the key blocks on or
+  // below the diagonal (T = 256, tile 64: 10 of 16 blocks). Not a config key; any value >= 1
+  // gives the same results up to float rounding.
+  int64_t query_tile = 64;
 };
 
 class Attention {
@@ -105,20 +113,28 @@ class Attention {
   // parameter gradients. Consumes the cache.
   void backward(ConstView dy, View dx);
 
+  // Bytes of the backward cache held now: probabilities, and q/k/v plus head outputs.
+  int64_t probs_bytes() const { return probs_.numel() * 4; }
+  int64_t cache_bytes() const { return (qkv_.numel() + att_.numel()) * 4; }
   int64_t d_model() const { return d_; }
   int64_t n_heads() const { return h_; }
   int64_t d_head() const { return dh_; }
   View w_qkv() { return w_qkv_.view(); }
   View w_o() { return w_o_.view(); }
-  // Probabilities of (sequence b, head h) from the last forward: [T, T], before backward.
-  ConstView probs(int64_t b, int64_t h) const;
+  // Probabilities of (sequence b, head h) from the last forward, before backward, as a full
+  // [T, T] copy (zeros above the diagonal).
+  Tensor probs(int64_t b, int64_t h) const;
   // "<name>.w_qkv", "<name>.w_o" and, with biases, "<name>.b_qkv", "<name>.b_o".
   std::vector<ParamRef> params();
   void zero_grad();
 
  private:
+  // tile_off_[i]: offset of query tile i's [rows, end] probabilities within a pair's block;
+  // tile_off_.back() floats per (sequence, head) pair.
+  void plan_tiles(int64_t T);
+
   std::string name_;
-  int64_t d_, h_, dh_;
+  int64_t d_, h_, dh_, tile_;
   bool bias_;
   Rope rope_;
   Tensor w_qkv_, dw_qkv_;  // [d, 3d]
@@ -130,10 +146,10 @@ class Attention {
   ConstView x_;  // [N, d] borrowed
   int64_t n_seq_ = 0, t_ = 0;
   Tensor qkv_;    // [N, 3d] q, k rotated
-  Tensor probs_;  // [B*H*T, T]; dS after backward
-  Tensor att_;    // [N, d]
+  Tensor probs_;  // [B*H, tile_off_.back()] lower-triangular tiles; dS after backward
+  std::vector<int64_t> tile_off_;
+  Tensor att_;  // [N, d]
   // Backward scratch.
-  Tensor datt_;             // [N, d]
   Tensor dqkv_;             // [N, 3d]
   std::vector<Tensor> dp_;  // per thread: [T, T] dL/dP
 

@@ -66,6 +66,7 @@ class LmHead {
   // Untied: "<name>.weight"; tied: nothing (the embedding reports the shared table).
   std::vector<ParamRef> params();
   void zero_grad();
+  int64_t cache_bytes() const { return logits_.numel() * 4; }
 
  private:
   std::string name_;

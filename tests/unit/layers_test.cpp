@@ -177,6 +177,7 @@ TEST_P(AttentionGrad, GradientsMatchFiniteDifferences) {
   AttentionConfig cfg;
   cfg.n_heads = 2;
   cfg.bias = GetParam();
+  cfg.query_tile = 2;  // three causal tiles of 2, 2 and 1 query rows
   Attention attn("attn", d, cfg, 11);
   Tensor x({N, d}), y({N, d}), c({N, d}), dx({N, d});
   randomize(x.view(), 12);
@@ -210,7 +211,8 @@ TEST(Attention, IsCausalAndSequencesAreIndependent) {
   // Probabilities: rows sum to 1, zero above the diagonal.
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < cfg.n_heads; ++h) {
-      ConstView p = attn.probs(b, h);
+      const Tensor pt = attn.probs(b, h);
+      ConstView p = pt.view();
       for (int64_t t = 0; t < T; ++t) {
         double s = 0.0;
         for (int64_t j = 0; j < T; ++j) {
@@ -239,6 +241,45 @@ TEST(Attention, IsCausalAndSequencesAreIndependent) {
         EXPECT_LE(diff, 1e-6) << "changed token " << t + 1 << ", row " << r;
       }
     }
+  }
+}
+
+TEST(Attention, QueryTileSizeDoesNotChangeResults) {
+  // Causal tiles of any size compute the same function as one [T, T] tile, forward and
+  // backward (up to float rounding: the sums over tiles are ordered differently).
+  const int64_t B = 2, T = 37, d = 16, N = B * T;
+  Tensor x({N, d}), dy({N, d});
+  randomize(x.view(), 101);
+  randomize(dy.view(), 102);
+  Tensor y_ref({N, d}), dx_ref({N, d});
+  std::vector<Tensor> g_ref;
+  for (int64_t tile : {T, int64_t{1}, int64_t{5}, int64_t{16}, int64_t{64}}) {
+    AttentionConfig cfg;
+    cfg.n_heads = 2;
+    cfg.query_tile = tile;
+    Attention attn("attn", d, cfg, 103);
+    for (ParamRef& p : attn.params()) randomize(p.value, 104, 0.5f);
+    Tensor y({N, d}), dx({N, d});
+    attn.forward(x.view(), B, y.view());
+    const Tensor p = attn.probs(1, 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = t + 1; j < T; ++j) ASSERT_EQ(p.view()(t, j), 0.0f);
+    attn.zero_grad();
+    attn.backward(dy.view(), dx.view());
+    if (tile == T) {
+      y_ref = y.clone();
+      dx_ref = dx.clone();
+      for (ParamRef& q : attn.params()) {
+        g_ref.emplace_back(std::initializer_list<int64_t>{q.grad.rows, q.grad.cols});
+        moe::copy(q.grad, g_ref.back().view());
+      }
+      continue;
+    }
+    EXPECT_LT(moe::max_rel_error(y.view(), y_ref.view()), 1e-5) << "tile " << tile;
+    EXPECT_LT(moe::max_rel_error(dx.view(), dx_ref.view()), 1e-5) << "tile " << tile;
+    const std::vector<ParamRef> ps = attn.params();
+    for (size_t i = 0; i < ps.size(); ++i)
+      EXPECT_LT(moe::max_rel_error(ps[i].grad, g_ref[i].view()), 1e-5) << ps[i].name;
   }
 }
 
@@ -278,10 +319,11 @@ TEST(Attention, ShiftingAllPositionsLeavesOutputUnchanged) {
   Tensor x({N, d}), y0({N, d}), y1({N, d}), q0({1, 1});
   randomize(x.view(), 43);
   attn.forward(x.view(), B, y0.view(), 0);
-  std::vector<float> p0(attn.probs(1, 1).data, attn.probs(1, 1).data + T * T);
+  const Tensor p0 = attn.probs(1, 1);
   attn.forward(x.view(), B, y1.view(), 517);
   EXPECT_LT(moe::max_rel_error(y1.view(), y0.view()), 1e-4);
-  for (int64_t i = 0; i < T * T; ++i) EXPECT_NEAR(attn.probs(1, 1).data[i], p0[i], 1e-5);
+  const Tensor p1 = attn.probs(1, 1);
+  for (int64_t i = 0; i < T * T; ++i) EXPECT_NEAR(p1.data()[i], p0.data()[i], 1e-5);
 }
 
 TEST(Attention, HugeScoresStayFinite) {

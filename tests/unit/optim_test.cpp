@@ -100,6 +100,35 @@ TEST(AdamW, StridedViewsAndDeterminism) {
   }
 }
 
+TEST(AdamW, GradScaleEqualsClippingTheGradientsFirst) {
+  // step(lr, f) on the raw gradients is bitwise clip_grad_norm (in place) then step(lr).
+  Tensor v1({3, 5}), g1({3, 5}), v2({3, 5}), g2({3, 5});
+  for (int64_t k = 0; k < 15; ++k) {
+    v1[k] = v2[k] = 0.3f * static_cast<float>(k) - 2.0f;
+    g1[k] = g2[k] = 3.0f * std::cos(static_cast<float>(k));
+  }
+  AdamW o1, o2;
+  o1.add({"w", v1.view(), g1.view()});
+  o2.add({"w", v2.view(), g2.view()});
+  const double norm = 7.5, max_norm = 1.0;
+  for (int s = 0; s < 3; ++s) {
+    const float f = moe::model::clip_factor(norm, max_norm);
+    EXPECT_NEAR(f, 1.0 / 7.5, 1e-7);
+    o1.step(1e-2, f);
+    std::vector<View> grads = {g2.view()};
+    EXPECT_EQ(moe::model::clip_grad_norm(grads, norm, max_norm), static_cast<double>(f));
+    o2.step(1e-2);
+    for (int64_t k = 0; k < 15; ++k) g2[k] = g1[k];  // the next step's raw gradient
+  }
+  for (int64_t k = 0; k < 15; ++k) {
+    EXPECT_EQ(v1[k], v2[k]) << k;
+    EXPECT_EQ(o1.state(0).m[k], o2.state(0).m[k]) << k;
+    EXPECT_EQ(o1.state(0).v[k], o2.state(0).v[k]) << k;
+  }
+  EXPECT_EQ(moe::model::clip_factor(0.5, 1.0), 1.0f);
+  EXPECT_EQ(moe::model::clip_factor(5.0, 0.0), 1.0f);
+}
+
 TEST(LrSchedule, WarmupPeakCosineAndEnd) {
   LrSchedule s{.lr = 1.0, .min_lr = 0.1, .warmup_steps = 10, .total_steps = 110};
   EXPECT_NEAR(s.at(0), 0.1, 1e-12);
