@@ -133,6 +133,26 @@ class Communicator {
     return out;
   }
 
+  // Concatenates every rank's n values on root, in rank order; counts[r] (read on root only)
+  // is rank r's n, recv holds their sum. Collective.
+  template <typename T>
+  void gatherv(const T* send, int64_t n, T* recv, const std::vector<int64_t>& counts, int root,
+               const char* what = "gatherv") const {
+    std::vector<int> cnt, off;
+    if (rank_ == root) {
+      int64_t at = 0;
+      for (int64_t c : counts) {
+        MOE_CHECK(at + c <= int64_t{2147483647}, what, ": gatherv of more than 2^31 - 1 values");
+        cnt.push_back(static_cast<int>(c));
+        off.push_back(static_cast<int>(at));
+        at += c;
+      }
+    }
+    MOE_MPI_CHECK(MPI_Gatherv(send, static_cast<int>(n), mpi_type<T>(), recv, cnt.data(),
+                              off.data(), mpi_type<T>(), root, comm_),
+                  what);
+  }
+
  private:
   explicit Communicator(MPI_Comm comm);
   void allreduce(void* data, int64_t n, MPI_Datatype type, MPI_Op op, const char* what) const;

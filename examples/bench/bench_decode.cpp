@@ -1,12 +1,14 @@
 // moe-bench decode: greedy decoding through the KV caches (Transformer::extend), no HTTP.
-//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--json]          2 ranks x 1 thread
+//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--rank0-only] [--json]   2 ranks x 1 thread
 //   moe-bench decode --threads 2 [--json]                              1 rank  x 2 threads
 // The model is the PyTorch reference's default decode model (`torch_reference.py decode`):
 // d_model 256, 4 layers, 4 heads, 8 experts top-2 of width 1024 in every block, vocabulary 256,
 // random weights; per batch size B, a prompt of 32 tokens per sequence is prefilled in one
-// extend, then 63 one-token decode steps yield 64 new tokens per sequence. Rank 0 holds the
-// sequences; the other ranks join every step with no tokens (as in serving). Figures, each
-// measured in this run:
+// extend, then 63 one-token decode steps yield 64 new tokens per sequence. As in serving
+// (model/serve/engine.hpp), the sequences are spread over the ranks in contiguous blocks (each
+// rank runs attention and the LM head of its block), every step rank 0 broadcasts the B token
+// ids and gathers the [B, V] logits, and samples; --rank0-only keeps every sequence on rank 0
+// (the other ranks join each step with no tokens). Figures, each measured in this run:
 //   decode_tokens_per_s   B x decode steps / decode seconds (decode steps only, as PyTorch's)
 //   ms_per_step           decode seconds / decode steps (median over samples)
 //   bandwidth_gbs         streaming read of a 256 MB buffer per rank, all ranks and threads at
@@ -101,6 +103,7 @@ int bench_decode(const std::vector<std::string>& argv) {
                 "decode needs --new-tokens >= 2, --prompt-len >= 1, "
                 "--samples >= 1");
   const int64_t steps = new_tokens - 1;
+  const bool spread = !args.flag("--rank0-only");
 
   model::Transformer model(cfg, world, static_cast<uint64_t>(args.get_int("--seed", 1)));
   const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
@@ -126,33 +129,56 @@ int bench_decode(const std::vector<std::string>& argv) {
   for (int64_t B : batches) {
     BatchResult r;
     r.batch = B;
-    const int64_t nb = root ? B : 0;
+    // This rank's block of sequences [first, first + nb).
+    const int64_t nb = spread ? B / P + (rank < B % P) : (root ? B : 0);
+    const int64_t first = spread ? rank * (B / P) + std::min<int64_t>(rank, B % P) : 0;
+    std::vector<int64_t> counts(static_cast<size_t>(P));  // logits values per rank
+    for (int q = 0; q < P; ++q)
+      counts[static_cast<size_t>(q)] =
+          (spread ? B / P + (q < B % P) : (q == 0 ? B : 0)) * cfg.vocab_size;
+    std::vector<float> all_logits(static_cast<size_t>(root ? B * cfg.vocab_size : 0));
     std::vector<model::SequenceCache> caches;
     std::vector<model::SequenceCache*> ptrs;
     for (int64_t b = 0; b < nb; ++b) caches.push_back(model.new_cache(prompt_len + new_tokens));
     for (auto& c : caches) ptrs.push_back(&c);
     std::mt19937 prng(static_cast<uint32_t>(B));
-    std::vector<int32_t> prompts(static_cast<size_t>(nb * prompt_len));
-    for (auto& t : prompts)
+    std::vector<int32_t> all_prompts(static_cast<size_t>(B * prompt_len));
+    for (auto& t : all_prompts)
       t = static_cast<int32_t>(prng() % static_cast<uint32_t>(cfg.vocab_size));
+    const std::vector<int32_t> prompts(all_prompts.begin() + first * prompt_len,
+                                       all_prompts.begin() + (first + nb) * prompt_len);
     std::vector<int64_t> n_new(static_cast<size_t>(nb), prompt_len);
-    std::vector<int32_t> last(static_cast<size_t>(nb));
+    std::vector<int32_t> last(static_cast<size_t>(B));
+    // Logits of every sequence on rank 0 (rank order = sequence order), greedy tokens there,
+    // then this step's token ids to every rank: what the serving engine does each step.
+    auto sample_all = [&](ConstView logits) {
+      const float* rows = logits.data;
+      if (P > 1) {
+        world.gatherv(logits.data, nb * cfg.vocab_size, all_logits.data(), counts, 0,
+                      "bench logits");
+        rows = all_logits.data();
+      }
+      if (root)
+        for (int64_t b = 0; b < B; ++b)
+          last[static_cast<size_t>(b)] =
+              model::sample(ConstView(rows + b * cfg.vocab_size, 1, cfg.vocab_size), greedy, rng);
+      if (P > 1) world.broadcast(last.data(), B, 0, "bench ids");
+    };
+    const std::span<const int32_t> my_last(last.data() + first, static_cast<size_t>(nb));
     double hit_total = 0, kv_total = 0;
     for (int s = 0; s <= samples; ++s) {  // sample 0 warms up
       for (auto& c : caches) c.clear();
       r.first_tokens.clear();
       world.barrier();
       const double t0 = now_s();
-      ConstView logits = model.extend(prompts, n_new, ptrs);
-      for (int64_t b = 0; b < nb; ++b) last[b] = model::sample(logits.row_range(b, 1), greedy, rng);
+      sample_all(model.extend(prompts, n_new, ptrs));
       if (root) r.first_tokens.push_back(last[0]);
       const double t1 = now_s();
       for (int64_t i = 0; i < steps; ++i) {
         if (root) kv_total += double(B) * double(caches[0].len() + 1) * 2 * d * 4 * cfg.n_layers;
-        logits = model.decode_step(last, ptrs);
+        ConstView logits = model.decode_step(my_last, ptrs);
         hit_total += double(experts_hit());
-        for (int64_t b = 0; b < nb; ++b)
-          last[b] = model::sample(logits.row_range(b, 1), greedy, rng);
+        sample_all(logits);
         if (root) r.first_tokens.push_back(last[0]);
       }
       const double t2 = now_s();
@@ -174,7 +200,8 @@ int bench_decode(const std::vector<std::string>& argv) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  std::printf("moe-bench decode: %d rank(s) x %s\n", P, policy.describe().c_str());
+  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s\n", P, policy.describe().c_str(),
+              spread ? "spread over the ranks" : "on rank 0");
   std::printf(
       "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, random weights; prompt %lld + %lld new "
       "(%lld decode steps)\n",
@@ -215,6 +242,7 @@ int bench_decode(const std::vector<std::string>& argv) {
     nlohmann::json out = {{"bench", "decode"},
                           {"ranks", P},
                           {"threads", policy.omp_threads},
+                          {"spread", spread},
                           {"d_model", d},
                           {"layers", cfg.n_layers},
                           {"heads", cfg.n_heads},

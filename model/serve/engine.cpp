@@ -55,17 +55,21 @@ Engine::Engine(Transformer& model, const comm::Communicator& comm, const EngineO
     : model_(model), comm_(comm), options_(options), decode_(std::move(decode)) {
   MOE_CHECK(options_.max_batch >= 1 && options_.max_context >= 2, "engine: max_batch ",
             options_.max_batch, ", max_context ", options_.max_context);
+  const int P = comm_.size();
+  const int per_rank = options_.spread ? (options_.max_batch + P - 1) / P : options_.max_batch;
+  const int mine = options_.spread || comm_.rank() == 0 ? per_rank : 0;
+  caches_.reserve(static_cast<size_t>(mine));
+  for (int i = 0; i < mine; ++i) caches_.push_back(model_.new_cache(options_.max_context));
   if (comm_.rank() != 0) return;
+  free_.resize(static_cast<size_t>(P));
+  for (int r = 0; r < (options_.spread ? P : 1); ++r)
+    for (int i = per_rank - 1; i >= 0; --i) free_[static_cast<size_t>(r)].push_back(i);
   for (int l = 0; l < model_.config().n_layers; ++l)
     if (model_.config().is_moe(l)) {
       stats_.expert_load_blocks.push_back(l);
       stats_.expert_load.emplace_back(static_cast<size_t>(model_.config().moe.n_experts), 0);
     }
-  caches_.reserve(static_cast<size_t>(options_.max_batch));
-  for (int i = 0; i < options_.max_batch; ++i)
-    caches_.push_back(model_.new_cache(options_.max_context));
-  for (auto& c : caches_) free_.push_back(&c);
-  active_.reserve(caches_.size());
+  active_.reserve(static_cast<size_t>(options_.max_batch));
 }
 
 bool Engine::submit(std::shared_ptr<Request> request) {
@@ -105,11 +109,45 @@ void Engine::run(const std::function<bool()>& should_stop) {
 
 void Engine::run_follower() {
   for (;;) {
-    int64_t desc[2] = {kStop, 0};
-    comm_.broadcast(desc, 2, 0, "serve step descriptor");
+    int64_t desc[3] = {kStop, 0, 0};
+    comm_.broadcast(desc, 3, 0, "serve step descriptor");
     if (desc[0] == kStop) return;
-    model_.extend({}, {}, {});
+    step(desc[1], desc[2]);
   }
+}
+
+ConstView Engine::step(int64_t n_seq, int64_t n_ids) {
+  payload_.resize(static_cast<size_t>(n_seq * kMeta + n_ids));
+  comm_.broadcast(payload_.data(), static_cast<int64_t>(payload_.size()), 0, "serve step");
+  const int rank = comm_.rank(), P = comm_.size();
+  // This rank's sequences, in step order; their tokens sit in the payload back to back.
+  local_ids_.clear();
+  local_n_.clear();
+  local_caches_.clear();
+  rows_.assign(static_cast<size_t>(P), 0);
+  const int64_t* ids = payload_.data() + n_seq * kMeta;
+  for (int64_t i = 0; i < n_seq; ++i) {
+    const int64_t* m = payload_.data() + i * kMeta;  // owner, cache, n_new, fresh
+    const int64_t n = m[2];
+    if (m[0] == rank) {
+      SequenceCache& c = caches_[static_cast<size_t>(m[1])];
+      if (m[3] != 0) c.clear();
+      for (int64_t t = 0; t < n; ++t) local_ids_.push_back(static_cast<int32_t>(ids[t]));
+      local_n_.push_back(n);
+      local_caches_.push_back(&c);
+    }
+    ++rows_[static_cast<size_t>(m[0])];
+    ids += n;
+  }
+  ConstView logits = model_.extend(local_ids_, local_n_, local_caches_);
+  if (rows_[0] == n_seq) return logits;  // all on rank 0: nothing to gather
+  const int64_t V = model_.config().vocab_size;
+  MOE_CHECK(logits.contiguous(), "engine: logits rows are not contiguous");
+  std::vector<int64_t> counts(static_cast<size_t>(P));
+  for (int r = 0; r < P; ++r) counts[static_cast<size_t>(r)] = rows_[static_cast<size_t>(r)] * V;
+  if (rank == 0) gathered_.resize(static_cast<size_t>(n_seq * V));
+  comm_.gatherv(logits.data, logits.rows * V, gathered_.data(), counts, 0, "serve logits");
+  return ConstView(gathered_.data(), n_seq, V);
 }
 
 void Engine::finish(Slot& slot, Finish why) {
@@ -123,9 +161,8 @@ void Engine::finish(Slot& slot, Finish why) {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.requests_done;
   }
-  slot.cache->clear();
-  free_.push_back(slot.cache);
-  slot.cache = nullptr;
+  free_[static_cast<size_t>(slot.owner)].push_back(slot.cache);  // cleared when next used
+  slot.cache = -1;
 }
 
 bool Engine::advance(Slot& slot, ConstView logits) {
@@ -161,8 +198,17 @@ bool Engine::advance(Slot& slot, ConstView logits) {
 
 void Engine::run_root(const std::function<bool()>& should_stop) {
   std::vector<int32_t> ids;
-  std::vector<int64_t> n_new;
-  std::vector<SequenceCache*> batch;
+  std::vector<int64_t> order;  // [active] row of each sequence in the step's logits
+  const int P = comm_.size();
+  auto most_free = [&] {  // the rank to take a new sequence, -1 when all caches are in use
+    int best = -1;
+    for (int r = 0; r < P; ++r)
+      if (!free_[static_cast<size_t>(r)].empty() &&
+          (best < 0 ||
+           free_[static_cast<size_t>(r)].size() > free_[static_cast<size_t>(best)].size()))
+        best = r;
+    return best;
+  };
   for (;;) {
     if (should_stop && should_stop()) shutdown();
     // Leave: cancelled requests. Join: queued ones, while there is room.
@@ -180,7 +226,7 @@ void Engine::run_root(const std::function<bool()>& should_stop) {
         cv_.wait_for(lock, std::chrono::milliseconds(50));
         if (should_stop && should_stop()) accepting_.store(false);
       }
-      while (!queue_.empty() && !free_.empty()) {
+      while (!queue_.empty() && most_free() >= 0) {
         Slot s;
         s.req = std::move(queue_.front());
         queue_.pop_front();
@@ -196,8 +242,9 @@ void Engine::run_root(const std::function<bool()>& should_stop) {
           ++stats_.requests_done;
           continue;
         }
-        s.cache = free_.back();
-        free_.pop_back();
+        s.owner = most_free();
+        s.cache = free_[static_cast<size_t>(s.owner)].back();
+        free_[static_cast<size_t>(s.owner)].pop_back();
         s.rng.seed(s.req->sampling.seed);
         stats_.prompt_tokens += static_cast<int64_t>(s.req->prompt.size());
         active_.push_back(std::move(s));
@@ -208,24 +255,34 @@ void Engine::run_root(const std::function<bool()>& should_stop) {
     }
 
     // One step: prompts of the newcomers, the latest token of everyone else.
+    const int64_t n_seq = static_cast<int64_t>(active_.size());
     ids.clear();
-    n_new.clear();
-    batch.clear();
+    payload_.clear();
+    std::vector<int64_t> before(static_cast<size_t>(P), 0);  // rows on lower ranks, then own
+    for (const Slot& s : active_) ++before[static_cast<size_t>(s.owner)];
+    for (int64_t r = 0, at = 0; r < P; ++r) {
+      const int64_t n = before[static_cast<size_t>(r)];
+      before[static_cast<size_t>(r)] = at;
+      at += n;
+    }
+    order.clear();
     for (Slot& s : active_) {
+      order.push_back(before[static_cast<size_t>(s.owner)]++);
+      int64_t n = 1;
       if (!s.prefilled) {
         ids.insert(ids.end(), s.req->prompt.begin(), s.req->prompt.end());
-        n_new.push_back(static_cast<int64_t>(s.req->prompt.size()));
+        n = static_cast<int64_t>(s.req->prompt.size());
       } else {
         std::lock_guard<std::mutex> lock(s.req->mu);
         ids.push_back(s.req->tokens.back());
-        n_new.push_back(1);
       }
-      batch.push_back(s.cache);
+      payload_.insert(payload_.end(), {s.owner, s.cache, n, s.prefilled ? 0 : 1});
     }
-    int64_t desc[2] = {kStep, static_cast<int64_t>(ids.size())};
+    payload_.insert(payload_.end(), ids.begin(), ids.end());
+    int64_t desc[3] = {kStep, n_seq, static_cast<int64_t>(ids.size())};
     const double t0 = now_seconds();
-    comm_.broadcast(desc, 2, 0, "serve step descriptor");
-    ConstView logits = model_.extend(ids, n_new, batch);
+    comm_.broadcast(desc, 3, 0, "serve step descriptor");
+    ConstView logits = step(n_seq, desc[2]);
     const double exchange = model_.stats().exchange_seconds;
     // Per-expert load of this step (global figures: the plans count every rank's slots).
     {
@@ -242,7 +299,7 @@ void Engine::run_root(const std::function<bool()>& should_stop) {
     for (size_t i = 0; i < active_.size(); ++i) {
       active_[i].prefilled = true;
       ++generated;
-      if (advance(active_[i], logits.row_range(static_cast<int64_t>(i), 1))) continue;
+      if (advance(active_[i], logits.row_range(order[i], 1))) continue;
       if (kept != i) active_[kept] = std::move(active_[i]);
       ++kept;
     }
@@ -257,8 +314,8 @@ void Engine::run_root(const std::function<bool()>& should_stop) {
     stats_.step_seconds_total += dt;
     stats_.exchange_seconds_total += exchange;
   }
-  int64_t desc[2] = {kStop, 0};
-  comm_.broadcast(desc, 2, 0, "serve step descriptor");
+  int64_t desc[3] = {kStop, 0, 0};
+  comm_.broadcast(desc, 3, 0, "serve step descriptor");
 }
 
 }  // namespace moe::model::serve

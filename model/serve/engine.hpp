@@ -3,15 +3,22 @@
 // Notation: B active sequences (B <= max_batch), V vocabulary, P ranks.
 //
 // Rank 0 owns the requests. Any thread may submit() a Request; only the engine thread (the one
-// that called MPI_Init, running run()) touches the model or MPI. Each step, rank 0
+// that called MPI_Init, running run()) touches the model or MPI. The active sequences are
+// spread over the ranks: each rank holds ceil(max_batch / P) KV caches, and a new sequence goes
+// to the rank with the most free caches (lowest rank on ties), so every rank runs the dense
+// work (attention, router, LM head) of its share while the MoE exchange carries the tokens of
+// all ranks to their experts. Each step, rank 0
 //   1. drops cancelled requests and admits queued ones while fewer than max_batch are active;
-//   2. broadcasts a step descriptor {kind, n_tokens} (kStep or kStop) to the other ranks;
-//   3. runs one Transformer::extend over the new prompts (prefill) and the active sequences'
-//      latest tokens (decode), so new requests join the running batch between steps;
-//   4. samples one token per sequence and finishes those that hit max_tokens, a stop string,
-//      the context limit or a cancel (they leave the batch; their cache returns to the pool).
-// The other ranks loop on the descriptor and join every extend with no tokens: their experts
-// serve rank 0's tokens through the MoE exchange. Greedy decoding gives the tokens of
+//   2. broadcasts a step descriptor {kind, sequences, tokens} (kStep or kStop) and then, per
+//      sequence, {owner rank, cache index, new tokens, fresh} followed by the token ids;
+//   3. every rank runs one Transformer::extend over its sequences: new prompts (prefill; a
+//      fresh cache is cleared first) and the latest tokens of the others (decode), so new
+//      requests join the running batch between steps;
+//   4. the logits rows [b_r, V] are gathered on rank 0 (rank order), which samples one token
+//      per sequence with that request's RNG and finishes those that hit max_tokens, a stop
+//      string, the context limit or a cancel (they leave; their cache returns to the pool).
+// With spread = false rank 0 holds every sequence and the other ranks join each extend with no
+// tokens (their experts serve rank 0's tokens). Greedy decoding gives the tokens of
 // model::generate() (no KV cache) on the same rank count, up to float rounding of the cached
 // attention (logits within 1e-4; tests/mpi/decode_test.cpp).
 #pragma once
@@ -37,6 +44,7 @@ struct EngineOptions {
   int max_batch = 8;          // sequences per decode step
   int64_t max_context = 256;  // positions per sequence (prompt + generated)
   int64_t max_queue = 1024;   // queued requests beyond which submit() refuses
+  bool spread = true;         // sequences (and their dense work) over all ranks, or rank 0 only
 };
 
 enum class Finish { kNone, kLength, kStop, kCancelled };
@@ -85,7 +93,8 @@ struct EngineStats {
 class Engine {
  public:
   // decode turns ids into text (for stop strings); it is called on the engine thread only.
-  // Allocates max_batch caches of max_context positions on rank 0.
+  // Allocates ceil(max_batch / P) caches of max_context positions on every rank (max_batch on
+  // rank 0 without spread).
   Engine(Transformer& model, const comm::Communicator& comm, const EngineOptions& options,
          std::function<std::string(const std::vector<int32_t>&)> decode);
 
@@ -107,12 +116,17 @@ class Engine {
  private:
   struct Slot {
     std::shared_ptr<Request> req;
-    SequenceCache* cache = nullptr;
+    int owner = 0;   // rank holding the cache
+    int cache = -1;  // index into that rank's caches_
     std::mt19937_64 rng;
     bool prefilled = false;
   };
   void run_root(const std::function<bool()>& should_stop);
   void run_follower();
+  // Every rank: receives the step payload (rank 0 has filled payload_), runs extend over this
+  // rank's sequences and gathers the logits; on rank 0 row k of the result is the k-th sequence
+  // in rank order (owner rank, then step order). Collective.
+  ConstView step(int64_t n_seq, int64_t n_ids);
   // Samples, records and finishes; true when the sequence leaves the batch.
   bool advance(Slot& slot, ConstView logits);
   void finish(Slot& slot, Finish why);
@@ -122,9 +136,17 @@ class Engine {
   EngineOptions options_;
   std::function<std::string(const std::vector<int32_t>&)> decode_;
 
-  std::vector<SequenceCache> caches_;  // [max_batch] on rank 0
-  std::vector<SequenceCache*> free_;
+  std::vector<SequenceCache> caches_;   // this rank's caches
+  std::vector<std::vector<int>> free_;  // rank 0: [P] free cache indices of each rank
   std::vector<Slot> active_;
+  // Step buffers, reused: [n_seq x kMeta] {owner, cache, n_new, fresh} then the ids.
+  static constexpr int64_t kMeta = 4;
+  std::vector<int64_t> payload_;
+  std::vector<int32_t> local_ids_;
+  std::vector<int64_t> local_n_;
+  std::vector<SequenceCache*> local_caches_;
+  std::vector<int64_t> rows_;    // [P] sequences on each rank this step
+  std::vector<float> gathered_;  // rank 0: [n_seq, V] logits in rank order
 
   mutable std::mutex mu_;  // guards queue_, stats_
   std::condition_variable cv_;

@@ -60,7 +60,8 @@ std::vector<std::vector<int32_t>> reference(Transformer& model, const Communicat
   return out;
 }
 
-TEST(Engine, GreedyEqualsGenerate) {
+// spread: sequences on every rank (each runs its share's dense work) or on rank 0 only.
+void greedy_equals_generate(bool spread) {
   Communicator world = Communicator::world();
   const bool root = world.rank() == 0;
   Transformer model(tiny(), world, 21);
@@ -75,6 +76,7 @@ TEST(Engine, GreedyEqualsGenerate) {
   EngineOptions eo;
   eo.max_batch = 3;  // fewer slots than requests: some wait, then join a running batch
   eo.max_context = 40;
+  eo.spread = spread;
   Engine engine(model, world, eo, letters);
   std::vector<std::shared_ptr<Request>> reqs;
   std::thread client;
@@ -128,6 +130,13 @@ TEST(Engine, GreedyEqualsGenerate) {
     for (int64_t n : layer) slots += n;
     EXPECT_EQ(slots, through * tiny().moe.top_k);
   }
+}
+
+TEST(Engine, GreedyEqualsGenerate) {
+  greedy_equals_generate(true);
+}
+TEST(Engine, GreedyEqualsGenerateRankZeroOnly) {
+  greedy_equals_generate(false);
 }
 
 TEST(Engine, StopStringAndCancel) {
