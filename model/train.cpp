@@ -362,6 +362,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     }
     reducer.finish();
     const double loss = comm.sum(loss_local, "loss");
+    const double t_norm = now_s();
     const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm);
     const double lr = schedule.at(s);
     bool skipped = false;
@@ -377,8 +378,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       ++steps_skipped;
     } else {
       clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
-      opt.step(lr);
     }
+    const double norm_seconds = now_s() - t_norm;  // global norm + clipping (full scans)
+    if (!skipped) opt.step(lr);
     model.end_step(!skipped);  // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
     imbalance_sum += imbalance;
@@ -411,6 +413,16 @@ TrainSummary train(const Config& config, const TrainOptions& options,
         const PeerUsage u = peer->usage((s + 1) % peer_usage_window == 0);
         rec["peer_usage"] = u.usage;
         rec["peer_kl"] = u.kl_uniform;
+        // The last micro-step's exchange (forward + backward, bytes to other ranks only) per
+        // token of the global micro-batch, and the slowest rank's retrieval time.
+        const PeerStats& ps = peer->stats();
+        const double tokens = comm.sum(static_cast<double>(m * T), "peer tokens");
+        rec["peer_bytes_per_token"] =
+            comm.sum(static_cast<double>(ps.bytes_sent), "peer bytes") / tokens;
+        rec["peer_pairs_per_token"] =
+            comm.sum(static_cast<double>(ps.pairs_sent), "peer pairs") / tokens;
+        rec["peer_retrieval_seconds"] = comm.max(ps.retrieval_seconds, "peer retrieval");
+        rec["grad_norm_seconds"] = norm_seconds;
       }
     const bool last_step = s + 1 == end_step;
     if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
