@@ -104,6 +104,9 @@ struct LrSchedule {
 // Scales every gradient by min(1, max_norm / norm) and returns that factor. max_norm <= 0
 // disables clipping; a norm that is zero or not finite leaves the gradients alone (factor 1: the
 // caller decides what to do with a NaN/Inf step). Local: `norm` is already global.
-double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm);
+// `rows`, if not empty, has one entry per gradient: null, or the only rows that may be non-zero
+// (ParamRef::sparse_rows), which are then the only rows scaled (the others stay exactly zero).
+double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm,
+                      const std::vector<const std::vector<int64_t>*>& rows = {});
 
 }  // namespace moe::model

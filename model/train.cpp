@@ -215,14 +215,19 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   std::vector<View> dense_grads;
   std::vector<ConstView> dense_cgrads, expert_cgrads;
   std::vector<View> all_grads;
+  // Row-sparse gradients (PEER's U and V): the norm and the clipping visit only these rows.
+  std::vector<const std::vector<int64_t>*> expert_rows, all_rows;
   for (const ParamRef& p : model.dense_params()) {
     dense_grads.push_back(p.grad);
     dense_cgrads.push_back(p.grad);
     all_grads.push_back(p.grad);
+    all_rows.push_back(nullptr);
   }
   for (const ParamRef& p : model.expert_params()) {
     expert_cgrads.push_back(p.grad);
     all_grads.push_back(p.grad);
+    expert_rows.push_back(p.sparse_rows);
+    all_rows.push_back(p.sparse_rows);
   }
   comm::AllReduceOptions ro;
   ro.bucket_bytes = static_cast<int64_t>(config.get_float("comm.bucket_mb") * (1 << 20));
@@ -363,7 +368,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     reducer.finish();
     const double loss = comm.sum(loss_local, "loss");
     const double t_norm = now_s();
-    const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm);
+    const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm, expert_rows);
     const double lr = schedule.at(s);
     bool skipped = false;
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
@@ -377,9 +382,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       skipped = true;
       ++steps_skipped;
     } else {
-      clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"));
+      clip_grad_norm(all_grads, norm, config.get_float("train.grad_clip"), all_rows);
     }
-    const double norm_seconds = now_s() - t_norm;  // global norm + clipping (full scans)
+    const double norm_seconds = now_s() - t_norm;  // global norm + clipping
     if (!skipped) opt.step(lr);
     model.end_step(!skipped);  // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
