@@ -169,13 +169,30 @@ double sum_squares(ConstView v) {
   return total;
 }
 
+double sum_squares_rows(ConstView v, const std::vector<int64_t>& rows) {
+  std::vector<int64_t> sorted(rows);
+  std::sort(sorted.begin(), sorted.end());
+  double total = 0;
+  for (int64_t i : sorted) {
+    const float* r = v.row(i);
+    double acc = 0;
+    for (int64_t j = 0; j < v.cols; ++j) acc += static_cast<double>(r[j]) * r[j];
+    total += acc;
+  }
+  return total;
+}
+
 double global_grad_norm(const std::vector<ConstView>& dense, const std::vector<ConstView>& expert,
-                        const Communicator& comm) {
+                        const Communicator& comm,
+                        const std::vector<const std::vector<int64_t>*>& expert_rows) {
   double sq = 0;
   // Replicated gradients are equal on every rank after the all-reduce: count rank 0's copy.
   if (comm.rank() == 0)
     for (const ConstView& g : dense) sq += sum_squares(g);
-  for (const ConstView& g : expert) sq += sum_squares(g);
+  for (size_t i = 0; i < expert.size(); ++i) {
+    const std::vector<int64_t>* rows = i < expert_rows.size() ? expert_rows[i] : nullptr;
+    sq += rows ? sum_squares_rows(expert[i], *rows) : sum_squares(expert[i]);
+  }
   sq = comm.sum(sq, "global grad norm");
   return std::sqrt(sq);
 }

@@ -105,12 +105,20 @@ class GradientAllReducer {
 
 // Sum of squares of a view's elements, accumulated in double. Local.
 double sum_squares(ConstView v);
+// The same over the listed rows only, visited in ascending order: when every other row is zero
+// (a row-sparse gradient, ParamRef::sparse_rows) the result is bit-identical to sum_squares(v),
+// since adding the exact zeros of the skipped rows changes no partial sum. Local.
+double sum_squares_rows(ConstView v, const std::vector<int64_t>& rows);
 
 // sqrt of the sum of squares over ALL parameters across ranks: `dense` gradients are replicated
 // (counted once: rank 0 contributes them) and `expert` gradients are sharded (every rank
 // contributes its own). One all-reduce of one double; every rank gets the same value.
-// Collective over `comm`.
+// Collective over `comm`. `expert_rows`, if not empty, has one entry per `expert` view: null
+// for a dense gradient, else the only rows that may be non-zero (ParamRef::sparse_rows); those
+// views are scanned sparsely with the same result (sum_squares_rows), so a PEER table of N rows
+// costs O(touched rows d), not O(N d).
 double global_grad_norm(const std::vector<ConstView>& dense, const std::vector<ConstView>& expert,
-                        const Communicator& comm);
+                        const Communicator& comm,
+                        const std::vector<const std::vector<int64_t>*>& expert_rows = {});
 
 }  // namespace moe::comm

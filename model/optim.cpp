@@ -96,14 +96,22 @@ float clip_factor(double norm, double max_norm) {
   return static_cast<float>(max_norm / norm);
 }
 
-double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm) {
+double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm,
+                      const std::vector<const std::vector<int64_t>*>& rows) {
   const float f = clip_factor(norm, max_norm);
   if (f == 1.0f) return 1.0;
-  for (const View& g : grads)
-    for (int64_t i = 0; i < g.rows; ++i) {
-      float* r = g.row(i);
-      for (int64_t j = 0; j < g.cols; ++j) r[j] *= f;
+  auto scale_row = [f](const View& g, int64_t i) {
+    float* r = g.row(i);
+    for (int64_t j = 0; j < g.cols; ++j) r[j] *= f;
+  };
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const View& g = grads[k];
+    if (k < rows.size() && rows[k]) {
+      for (int64_t i : *rows[k]) scale_row(g, i);
+    } else {
+      for (int64_t i = 0; i < g.rows; ++i) scale_row(g, i);
     }
+  }
   return f;
 }
 

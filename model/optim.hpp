@@ -113,6 +113,9 @@ float clip_factor(double norm, double max_norm);
 
 // Scales every gradient by clip_factor(norm, max_norm) and returns it. The training loop passes
 // the factor to AdamW::step instead (one pass over the parameters, not two).
-double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm);
+// `rows`, if not empty, has one entry per gradient: null, or the only rows that may be non-zero
+// (ParamRef::sparse_rows), which are then the only rows scaled (the others stay exactly zero).
+double clip_grad_norm(const std::vector<View>& grads, double norm, double max_norm,
+                      const std::vector<const std::vector<int64_t>*>& rows = {});
 
 }  // namespace moe::model

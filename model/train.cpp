@@ -226,12 +226,16 @@ TrainSummary train(const Config& config, const TrainOptions& options,
 
   std::vector<View> dense_grads;
   std::vector<ConstView> dense_cgrads, expert_cgrads;
+  // Row-sparse gradients (PEER's U and V): the norm visits only these rows (and AdamW, through
+  // ParamRef::sparse_rows, only updates them).
+  std::vector<const std::vector<int64_t>*> expert_rows;
   for (const ParamRef& p : model.dense_params()) {
     dense_grads.push_back(p.grad);
     dense_cgrads.push_back(p.grad);
   }
   for (const ParamRef& p : model.expert_params()) {
     expert_cgrads.push_back(p.grad);
+    expert_rows.push_back(p.sparse_rows);
   }
   comm::AllReduceOptions ro;
   ro.bucket_bytes = static_cast<int64_t>(config.get_float("comm.bucket_mb") * (1 << 20));
@@ -332,7 +336,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     }
     reducer.finish();
     const double loss = comm.sum(loss_local, "loss");
-    const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm);
+    const double t_norm = now_s();
+    const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm, expert_rows);
     const double lr = schedule.at(s);
     bool skipped = false;
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
@@ -349,6 +354,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       // Clipping inside the update: one pass over parameters, gradients and moments.
       opt.step(lr, clip_factor(norm, config.get_float("train.grad_clip")));
     }
+    const double norm_seconds = now_s() - t_norm;  // global norm + clipping
+    if (!skipped) opt.step(lr);
     model.end_step(!skipped);  // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
     imbalance_sum += imbalance;
@@ -381,6 +388,16 @@ TrainSummary train(const Config& config, const TrainOptions& options,
         const PeerUsage u = peer->usage((s + 1) % peer_usage_window == 0);
         rec["peer_usage"] = u.usage;
         rec["peer_kl"] = u.kl_uniform;
+        // The last micro-step's exchange (forward + backward, bytes to other ranks only) per
+        // token of the global micro-batch, and the slowest rank's retrieval time.
+        const PeerStats& ps = peer->stats();
+        const double tokens = comm.sum(static_cast<double>(m * T), "peer tokens");
+        rec["peer_bytes_per_token"] =
+            comm.sum(static_cast<double>(ps.bytes_sent), "peer bytes") / tokens;
+        rec["peer_pairs_per_token"] =
+            comm.sum(static_cast<double>(ps.pairs_sent), "peer pairs") / tokens;
+        rec["peer_retrieval_seconds"] = comm.max(ps.retrieval_seconds, "peer retrieval");
+        rec["grad_norm_seconds"] = norm_seconds;
       }
     const bool last_step = s + 1 == end_step;
     if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {

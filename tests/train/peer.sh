@@ -15,6 +15,7 @@ recs = [json.loads(l) for l in open(sys.argv[1]) if '"step"' in l and '"loss"' i
 assert len(recs) == 20, len(recs)
 for r in recs:
     assert 0 < r["peer_usage"] <= 1 and r["peer_kl"] >= 0, r
+    assert r["peer_bytes_per_token"] > 0 and r["peer_pairs_per_token"] >= 1, r
 assert recs[-1]["loss"] < recs[0]["loss"] - 0.5, (recs[0]["loss"], recs[-1]["loss"])
 print("peer metrics ok: loss %.3f -> %.3f, usage %.3f, kl %.3f" %
       (recs[0]["loss"], recs[-1]["loss"], recs[-1]["peer_usage"], recs[-1]["peer_kl"]))
