@@ -102,18 +102,14 @@ struct Exchange::Shared {
   Communicator node;           // the ranks on this node (== the exchange's ranks when available)
   bool available = false;      // node.size() == comm.size()
   std::vector<int> node_rank;  // [P] communicator rank -> node rank
-  // src: each rank's rows to dispatch, behind a header of int64 (see shared_forward); out: its
-  // experts' outputs. in: this rank's dispatched rows [R, d], private (it pulls them itself).
-  SharedWindow src, out;
-  Tensor in;
-  std::vector<int64_t> pos;  // [rows of the source] its row in this rank's src segment, or -1
-  int64_t pulled_at = -1;    // barriers when this rank last finished pulling
+  SharedWindow in, out;        // dispatched rows; expert outputs
   const DispatchPlan* combine_plan = nullptr;  // set by combine_buffer, cleared by combine_shared
   int64_t combine_d = 0;
   // Node barriers passed so far, and the count when the last combine_shared finished reading.
   // Identical on every rank (the calls are collective), so decisions based on them agree.
   int64_t barriers = 0;
   int64_t combine_read_at = -1;
+  int64_t input_done_at = -1;  // barriers when input_consumed() was last called; -1: not since
 
   Shared() = default;
   Shared(const Shared&) = delete;
@@ -123,7 +119,7 @@ struct Exchange::Shared {
     MPI_Finalized(&finalized);
     // Unwinding from an error: the job is about to abort, and a collective free could hang.
     if (finalized || std::uncaught_exceptions() > 0) return;
-    for (SharedWindow* w : {&src, &out}) {
+    for (SharedWindow* w : {&in, &out}) {
       if (w->win == MPI_WIN_NULL) continue;
       MPI_Win_unlock_all(w->win);
       MPI_Win_free(&w->win);
@@ -514,86 +510,38 @@ Exchange::Shared& Exchange::shared(const char* what) {
   return *shared_;
 }
 
-// Pull: each rank publishes, in its own src segment, a header and the rows other ranks need;
-// after one barrier every rank copies its received rows, in expert-grouped order, out of the
-// senders' segments into its private input buffer. Stores then only touch this core's own
-// lines (own segment, own buffer); remote lines are only read, as in combine_shared.
-// Segment of rank q, as int64 h: h[0] = offset of the rows (floats); h[1 + r] = q's first send
-// row for rank r; h[1 + P + i] = the row in q's segment holding q's send row i. The rows are the
-// source rows (tokens, or slots for dispatch_slots) that another rank pulls, in source order,
-// packed. A segment thus never holds more than n_send rows <= sum over ranks of R, a bound every
-// rank knows from the plan: the windows are sized by it without a collective agreement.
 ConstView Exchange::shared_forward(const DispatchPlan& plan, ConstView src, bool by_slot) {
   const double t0 = wall_s();
   const char* what = by_slot ? "dispatch_slots_shared" : "dispatch_shared";
   Shared& sh = shared(what);
-  const int me = comm_.rank(), P = comm_.size();
+  const int me = comm_.rank();
   const int k = plan.k();
   const int64_t d = src.cols;
-  const int64_t n_src = by_slot ? plan.n_tokens() * k : plan.n_tokens();
-  MOE_CHECK_SHAPE(src, n_src, d, cat(name_, " exchange ", what, " input"));
-  MOE_CHECK(plan.rank_recv_rows().size() == size_t(P), name_, " exchange ", what,
-            ": the plan is for ", plan.rank_recv_rows().size(), " ranks, the exchange has ", P);
+  MOE_CHECK_SHAPE(src, by_slot ? plan.n_tokens() * k : plan.n_tokens(), d,
+                  cat(name_, " exchange ", what, " input"));
+  MOE_CHECK(plan.rank_recv_rows().size() == size_t(comm_.size()), name_, " exchange ", what,
+            ": the plan is for ", plan.rank_recv_rows().size(), " ranks, the exchange has ",
+            comm_.size());
   const std::string op = cat(name_, " exchange ", what);
-  int64_t total = 0;  // rows received over all ranks = rows sent over all ranks
-  for (int64_t r : plan.rank_recv_rows()) total += r;
-  auto head_of = [&](int64_t n) { return (2 * (1 + P + n) + 15) / 16 * 16; };  // floats, aligned
-  // Every rank must be done pulling from the previous call's segments before they change: each
-  // pulls before its next barrier here, so one barrier since then (combine_shared's) suffices.
-  if (sh.barriers <= sh.pulled_at) sh.sync(sh.src, op);
-  sh.grow(sh.src, head_of(total) + total * d, op);
+  sh.grow(sh.in, max_recv_rows(plan) * d, op);
+  // Every rank is done with the rows of the previous dispatch (known already when they said so
+  // and a barrier has passed since).
+  if (sh.input_done_at < 0 || sh.barriers <= sh.input_done_at) sh.sync(sh.in, op);
+  sh.input_done_at = -1;
 
   const std::vector<int64_t>& slot = plan.send_slot();
-  const std::vector<int64_t>& sd = plan.send_displs();
-  const int64_t n_send = plan.n_send();
+  const std::vector<float*>& base = sh.in.base;
   const int kk = by_slot ? 1 : k;  // src row of send row i: slot[i] / kk
-  const int64_t self_begin = sd[me], self_end = self_begin + plan.send_counts()[me];
-  sh.pos.assign(size_t(n_src), -1);
-  for (int64_t i = 0; i < n_send; ++i)
-    if (i < self_begin || i >= self_end) sh.pos[slot[i] / kk] = 0;
-  int64_t n_pub = 0;
-  for (int64_t r = 0; r < n_src; ++r)
-    if (sh.pos[r] >= 0) sh.pos[r] = n_pub++;
-  const int64_t head = head_of(n_send);
-  auto* h = reinterpret_cast<int64_t*>(sh.src.of(me));
-  h[0] = head;
-  for (int q = 0; q < P; ++q) h[1 + q] = sd[q];
-  for (int64_t i = 0; i < n_send; ++i) h[1 + P + i] = sh.pos[slot[i] / kk];
-  float* pub = sh.src.of(me) + head;
-  const int64_t* pos = sh.pos.data();
-#pragma omp parallel for schedule(static) if (n_pub * d > kParallelCopyFloats)
-  for (int64_t r = 0; r < n_src; ++r)
-    if (pos[r] >= 0) copy_row(src.row(r), pub + pos[r] * d, d);
-  sh.sync(sh.src, op);  // every segment is visible
-
-  ensure(sh.in, plan.n_recv() * d);
-  float* in = sh.in.data();
-  const std::vector<RowBlock>& blocks = plan.recv_blocks();
-  const std::vector<int64_t>& rd = plan.recv_displs();
-  const int64_t nb = static_cast<int64_t>(blocks.size());
-  const std::vector<float*>& base = sh.src.base;
-#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
-  for (int64_t j = 0; j < nb; ++j) {
-    const RowBlock& b = blocks[j];
-    float* dst = in + b.grouped * d;
-    const int64_t off = b.raw - rd[b.source];  // first row within the source's rows for me
-    if (b.source == me) {
-      for (int64_t i = 0; i < b.rows; ++i)
-        copy_row(src.row(slot[self_begin + off + i] / kk), dst + i * d, d);
-      continue;
-    }
-    const auto* hq = reinterpret_cast<const int64_t*>(base[b.source]);
-    const int64_t* at = hq + 1 + P + hq[1 + me] + off;
-    const float* rq = base[b.source] + hq[0];
-    for (int64_t i = 0; i < b.rows; ++i) copy_row(rq + at[i] * d, dst + i * d, d);
-  }
-  sh.pulled_at = sh.barriers;
+  for_each_send_row(plan.send_blocks(), plan.n_send(), d, [&](const SendBlock& b, int64_t i) {
+    copy_row(src.row(slot[i] / kk), base[b.dest] + (b.dest_row + (i - b.send)) * d, d);
+  });
+  sh.sync(sh.in, op);  // the rows are visible to their owners
 
   const int64_t row_bytes = d * int64_t(sizeof(float));
-  stats_.bytes_sent += (n_send - plan.send_counts()[me]) * row_bytes;
+  stats_.bytes_sent += (plan.n_send() - plan.send_counts()[me]) * row_bytes;
   stats_.bytes_received += (plan.n_recv() - plan.recv_counts()[me]) * row_bytes;
   stats_.seconds += wall_s() - t0;
-  return ConstView(in, plan.n_recv(), d);
+  return ConstView(sh.in.of(me), plan.n_recv(), d);
 }
 
 ConstView Exchange::dispatch_shared(const DispatchPlan& plan, ConstView x) {
@@ -602,6 +550,10 @@ ConstView Exchange::dispatch_shared(const DispatchPlan& plan, ConstView x) {
 
 ConstView Exchange::dispatch_slots_shared(const DispatchPlan& plan, ConstView s) {
   return shared_forward(plan, s, /*by_slot=*/true);
+}
+
+void Exchange::input_consumed() {
+  if (shared_) shared_->input_done_at = shared_->barriers;
 }
 
 View Exchange::combine_buffer(const DispatchPlan& plan, int64_t d) {

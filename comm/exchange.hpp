@@ -19,29 +19,23 @@
 // d contiguous floats), so rows * d may exceed INT_MAX; more than INT_MAX rows to or from one
 // rank is rejected with an Error(kComm) naming the exchange, never truncated.
 //
-// Node-local path. When every rank of the communicator is on one node, the *_shared calls move
-// rows through MPI-3 shared-memory windows instead of MPI_Alltoallv, and every row crossing
-// cores is pulled by the rank that needs it (it reads remote lines; its stores stay on lines
-// it owns, avoiding the ownership transfers of writing into another core's rows):
-//   dispatch_shared: each sender copies the token rows some other rank needs into its own
-//     source window (packed, behind a small index of which row serves which send row), a node
-//     barrier, then each rank copies its received rows, in final expert-grouped order, out of
-//     the senders' windows (its own rows straight from x) into its private input buffer.
-//   combine_shared: the experts write their outputs into this rank's output window [R, d]; each
-//     rank reads its slot rows straight out of the owners' output windows.
-// No regrouping pass; the results are bitwise those of dispatch / combine.
-//   y_in = dispatch_shared(plan, x);            // [R, d] view of this rank's input buffer
+// Node-local single-copy path. When every rank of the communicator is on one node, the
+// *_shared calls move rows through MPI-3 shared-memory windows instead of MPI_Alltoallv: each
+// rank owns an input window [R, d] (expert-grouped rows it receives) and an output window
+// [R, d] (its experts' outputs). dispatch_shared has every sender copy each kept slot's token
+// row straight into its final expert-grouped row of the owner's input window; combine_shared
+// has every rank read its slot rows straight out of the owners' output windows. One copy per
+// row, no packing, no regrouping; the results are bitwise those of dispatch / combine.
+//   y_in = dispatch_shared(plan, x);            // [R, d] view of this rank's input window
 //   View y = combine_buffer(plan, d);           // experts write their outputs here
 //   experts(y_in -> y);
 //   combine_shared(plan, slot_out);             // [T*k, d], zeros for dropped / empty slots
-// Windows grow geometrically and collectively, sized from what every rank knows from the plan
-// (every rank's R; a source window holds at most sum of R rows); in steady state nothing is
-// allocated. Synchronisation is a node barrier (with MPI_Win_sync): one per dispatch_shared
-// after the source windows are written, one per combine_shared after the outputs are written,
-// plus one at the start of dispatch_shared only when no barrier has passed since this rank's
-// previous dispatch_shared pulled, and one in combine_buffer only when no barrier has passed
-// since the previous combine_shared. A dispatch_shared -> combine_buffer -> combine_shared
-// round thus costs two barriers.
+// Windows grow geometrically and collectively (every rank knows every rank's R from the plan);
+// in steady state nothing is allocated. Synchronisation is a node barrier (with MPI_Win_sync)
+// before rows are written into another rank's window and after, so the data is visible: two
+// barriers per dispatch_shared (one after input_consumed() and a barrier since), one per
+// combine_shared, and one in combine_buffer only when no barrier has passed since the previous
+// combine_shared.
 //
 // Hierarchical (node-aware) path: algorithm kHierarchical makes dispatch, dispatch_slots and
 // combine move rows in two MPI_Alltoallv phases over a node layout of N nodes x L ranks (from
@@ -144,14 +138,18 @@ class Exchange {
   // (it splits off the node communicator); a cached flag afterwards. When false, every *_shared
   // call throws Error(kInternal) on every rank and callers use the MPI path.
   bool shared_available() const;
-  // Token rows x [T, d] -> [R, d] view of this rank's input buffer holding exactly what
+  // Token rows x [T, d] -> [R, d] view of this rank's input window holding exactly what
   // dispatch(plan, x, out) writes to out. Valid until the next dispatch_shared or
   // dispatch_slots_shared on this Exchange (or its destruction); the caller may read it and
-  // write nothing into it. Collective (node barriers; may re-allocate the source windows).
+  // write nothing into it. Collective (node barriers; may re-allocate the input windows).
   ConstView dispatch_shared(const DispatchPlan& plan, ConstView x);
   // Slot rows s [T*k, d] -> [R, d] view, as dispatch_slots(plan, s, out) (combine^T). Same
-  // lifetime and collectiveness as dispatch_shared; it reuses the same input buffer.
+  // lifetime and collectiveness as dispatch_shared; it reuses the same input window.
   ConstView dispatch_slots_shared(const DispatchPlan& plan, ConstView s);
+  // Local: this rank is done reading the view of the last dispatch_shared. When every rank has
+  // said so and a node barrier has passed on this exchange since (combine_shared's, say), the
+  // next dispatch_shared skips its first barrier. Call it on every rank alike or on none.
+  void input_consumed();
   // [R, d] view of this rank's output window, for the experts to write their outputs into.
   // Collective: before returning, every rank has finished reading the previous combine_shared
   // (a node barrier, skipped when one already passed on this exchange since, as in a

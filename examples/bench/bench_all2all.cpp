@@ -128,7 +128,7 @@ int bench_all2all(const std::vector<std::string>& argv) {
   auto ours = [&] { through(ex); };
   auto ours_hier = [&] { through(hx); };
 
-  // The node-local path: shared windows, rows pulled by the receiver; only the exchange is timed.
+  // The node-local path: one copy each way through shared windows; only the exchange is timed.
   const bool shared = ex.shared_available();
   double shared_part = 0.0;
   auto ours_shared = [&] {

@@ -284,13 +284,15 @@ void MoeLayer::run_forward(ConstView x, View y, bool inference) {
   View slot_out = scratch(slot_out_, T * k, d);
 
   if (shared_) {
-    // Shared windows: the experts read ex_dispatch_'s input buffer (it stays valid, as their
+    // Single copy: the experts read ex_dispatch_'s input window (it stays valid, as their
     // backward cache, until the next forward's dispatch_shared) and write its output window.
     ConstView xin = ex_dispatch_.dispatch_shared(plan_, x);  // dispatch
     View yout = ex_dispatch_.combine_buffer(plan_, d);
     double t0 = seconds_now();
     experts_->forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
     expert_s += seconds_now() - t0;
+    // No backward reads xin: the next dispatch_shared need not wait for this rank.
+    if (inference) ex_dispatch_.input_consumed();
     ex_dispatch_.combine_shared(plan_, slot_out);  // combine
     combine_weighted(y);
     shared_forward(x, y);
