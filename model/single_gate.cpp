@@ -65,6 +65,7 @@ SingleGateConfig SingleGateConfig::from(const Config& c, const ModelConfig& m) {
   s.kmeans_sequences = c.get_int("model.single_gate.kmeans_sequences");
   s.kmeans_iters = static_cast<int>(c.get_int("model.single_gate.kmeans_iters"));
   s.base_checkpoint = c.get_string("model.single_gate.base_checkpoint");
+  s.freeze_base = c.get_bool("model.single_gate.freeze_base");
   if (s.shared_layers >= m.n_layers)
     throw Error(ErrorKind::kConfig,
                 cat("model.single_gate.shared_layers = ", s.shared_layers, " leaves no later ",
@@ -229,10 +230,12 @@ std::vector<ParamRef> SingleGateModel::dense_params(SingleGatePhase phase) {
       take(base_branch_params());
       break;
     case SingleGatePhase::kExperts:
-      take(embed_->params());
-      take(shared_->params());
-      take(base_branch_params());
-      take(head_->params());
+      if (!sg_.freeze_base) {
+        take(embed_->params());
+        take(shared_->params());
+        take(base_branch_params());
+      }
+      take(head_->params());  // the experts' head (tied: nothing, the embedding is above)
       break;
     case SingleGatePhase::kGate:
       out.push_back({"gate.weight", w_gate_.view(), dw_gate_.view()});
@@ -505,7 +508,9 @@ void SingleGateModel::backward() {
     stats_.exchange_seconds = exchange_.stats().seconds;
     stats_.bytes_sent = exchange_.stats().bytes_sent;
   }
-  // The base branch, then the shared blocks and the embedding.
+  // The base branch, then the shared blocks and the embedding (fixed in kExperts with
+  // freeze_base: their gradients would not be used).
+  if (phase_ == SingleGatePhase::kExperts && sg_.freeze_base) return;
   base_head_->backward(tmp);
   base_norm_->backward(tmp, tmp);
   add_into(g, tmp);

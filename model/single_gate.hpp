@@ -32,7 +32,11 @@
 //             ensemble loss trains the base head too.
 //   (K-means on the pooled features initialises the gate; every expert copies the base's later
 //    blocks: copy_base_into_experts, set_gate_from_centroids.)
-//   kExperts  gate fixed (no gradient); each sequence to its gate's expert.
+//   kExperts  gate fixed (no gradient); each sequence to its gate's expert. With freeze_base
+//             (the default) the embedding, shared blocks and base branch are fixed too (no
+//             gradient, no backward through them): the pooled features, hence the K-means
+//             clusters the gate encodes, stay what they were at phase (b). Without it they keep
+//             training and the features drift away from the fixed centroids (gate collapse).
 //   kGate     experts frozen; each sequence goes to all E experts (k = E slots) and its
 //             ensemble loss under each is computed at home; the gate is trained by
 //             cross-entropy towards the best expert (lowest loss), averaged over the global
@@ -72,6 +76,7 @@ struct SingleGateConfig {
   int64_t kmeans_sequences = 256;
   int kmeans_iters = 10;
   std::string base_checkpoint;  // start from this base model, skip phase (a)
+  bool freeze_base = true;      // phase (c) trains only the experts (and an untied LM head)
 
   // Reads model.single_gate.*; checks L_s against model.n_layers. Throws kConfig errors.
   static SingleGateConfig from(const Config& config, const ModelConfig& model);

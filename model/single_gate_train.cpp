@@ -312,7 +312,8 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
   summary.first_step = start_step;
   std::vector<int64_t> last_used(static_cast<size_t>(E), -1);
   double time_sum = 0, tokens_sum = 0;
-  int64_t steps_done = 0;
+  int64_t steps_done = 0, steps_skipped = 0;
+  const bool skip_nonfinite = config.get_string("train.on_nonfinite") == "skip";
   for (int64_t s = start_step; s < end_step; ++s) {
     if (phase_of(s) != phase) enter_phase(phase_of(s));
     if (s == a_end && phase == Phase::kExperts) init_experts();
@@ -340,11 +341,13 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
     sched.total_steps = phase_end(phase) - phase_start(phase);
     sched.warmup_steps = std::min(config.get_int("train.warmup_steps"), sched.total_steps / 4);
     const double lr = sched.at(s - phase_start(phase));
-    if (!std::isfinite(loss) || !std::isfinite(gnorm))
-      throw Error(ErrorKind::kData, cat("step ", s + 1, ": loss ", loss, ", gradient norm ", gnorm,
-                                        " (single_gate stops on non-finite values)"));
-    clip_grad_norm(all_grads, gnorm, config.get_float("train.grad_clip"));
-    opt->step(lr);
+    const bool skipped = !step_is_finite(s, loss, gnorm, skip_nonfinite);
+    if (skipped) {
+      ++steps_skipped;
+    } else {
+      clip_grad_norm(all_grads, gnorm, config.get_float("train.grad_clip"));
+      opt->step(lr);
+    }
     int64_t dead = 0;
     if (phase != Phase::kBase)
       for (int64_t e = 0; e < E; ++e) {
@@ -363,6 +366,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
                           {"step_seconds", dt},   {"expert_imbalance", imbalance},
                           {"dead_experts", dead}, {"router_kl", kl_uniform(counts)}};
     if (phase == Phase::kGate) rec["gate_accuracy"] = gate_acc;
+    if (skipped) rec["skipped"] = true;
     const bool last_step = s + 1 == end_step;
     if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
       double exited = 0;
@@ -380,7 +384,10 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
       if (rec.contains("val_loss")) line += cat(" | val ", rec["val_loss"].get<double>());
       log::info0(line);
     }
-    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step) {
+    // A stop signal on any rank (see install_stop_signal_handlers): checkpoint this step on
+    // every rank and leave the loop, as model/train.cpp does.
+    const int stop_signal = agree_stop_signal(comm);
+    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step || stop_signal != 0) {
       checkpoint::Metadata meta;
       meta.step = s + 1;
       meta.seed = static_cast<int64_t>(seed);
@@ -390,6 +397,12 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
                                             meta, comm, save_options);
       log::info0("checkpoint ", summary.checkpoint);
     }
+    if (stop_signal != 0 && !last_step) {
+      summary.stopped_by_signal = stop_signal;
+      log::info0("stopping at step ", s + 1, " on signal ", stop_signal_name(stop_signal),
+                 ": checkpoint ", summary.checkpoint);
+      break;
+    }
   }
   summary.last_step = start_step + steps_done;
   summary.tokens_per_s = time_sum > 0 ? tokens_sum / time_sum : 0;
@@ -397,6 +410,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
       {"summary", true},
       {"router", "single_gate"},
       {"steps", steps_done},
+      {"skipped_steps", steps_skipped},
       {"first_step", start_step},
       {"last_step", summary.last_step},
       {"phases", {{"base", a_end}, {"experts", c_end - a_end}, {"gate", total_steps - c_end}}},
@@ -409,6 +423,8 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
   int64_t dead = 0;
   for (int64_t v : last_used) dead += v < 0 || summary.last_step - 1 - v >= kDeadWindow;
   done["dead_experts"] = a_end >= summary.last_step ? 0 : dead;
+  if (summary.stopped_by_signal != 0)
+    done["stopped_by_signal"] = stop_signal_name(summary.stopped_by_signal);
   metrics.write(done);
   log::info0("done: ", done.dump());
   return summary;

@@ -12,14 +12,19 @@
 //                             training sequences gathered from all ranks; identical on every
 //                             rank. The centroids become the gate; every expert copies the
 //                             base's later blocks.
-//   (c) steps [a, S_total - g) experts (and the replicated base branch) train on the sequences
-//                             the fixed gate sends them (kExperts)
+//   (c) steps [a, S_total - g) experts train on the sequences the fixed gate sends them
+//                             (kExperts); the embedding, shared blocks and base branch stay
+//                             fixed unless model.single_gate.freeze_base = false
 //   (d) steps [S_total - g, S_total)  the gate trains towards each sequence's best expert,
 //                             experts frozen (kGate); g = gate_fraction * S_total
 // Each phase has its own AdamW (fresh moments) and its own warmup + cosine schedule over its
 // steps. Checkpoints hold every tensor (experts by global id: resharding works) and the moments
 // of the current phase's optimiser; a resumed run continues the phase it stopped in (from a
 // checkpoint taken at the end of (a) it runs (b) again, from the same data).
+//
+// Stop signals (SIGTERM, SIGUSR1) and train.on_nonfinite behave as in model/train.cpp (the
+// shared helpers of model/train.hpp): checkpoint the step and return; skip or stop on a
+// non-finite loss or gradient norm.
 //
 // Metrics per step: "phase", loss (kGate: the gate's cross-entropy), expert_imbalance and
 // dead_experts (experts that received no sequence in the last 100 steps of (c) and (d)),

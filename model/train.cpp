@@ -39,17 +39,6 @@ extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(sig, std::memory_order_relaxed);
 }
 
-const char* signal_name(int sig) {
-  switch (sig) {
-    case SIGTERM:
-      return "SIGTERM";
-    case SIGUSR1:
-      return "SIGUSR1";
-    default:
-      return "unknown";
-  }
-}
-
 // Resident set size of this process now, in MiB (0 if /proc is unavailable).
 double current_rss_mb() {
   std::ifstream statm("/proc/self/statm");
@@ -177,6 +166,34 @@ void install_stop_signal_handlers() {
   sa.sa_flags = SA_RESTART;  // interrupted system calls (file I/O, MPI progress) resume
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGUSR1, &sa, nullptr);
+}
+
+int agree_stop_signal(const comm::Communicator& comm) {
+  return comm.max(g_stop_signal.load(std::memory_order_relaxed), "stop signal");
+}
+
+const char* stop_signal_name(int sig) {
+  switch (sig) {
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGUSR1:
+      return "SIGUSR1";
+    default:
+      return "unknown";
+  }
+}
+
+bool step_is_finite(int64_t s, double loss, double grad_norm, bool skip_nonfinite) {
+  if (std::isfinite(loss) && std::isfinite(grad_norm)) return true;
+  // Steps are numbered from 1 here as in the progress line and the metrics ("step").
+  const std::string what =
+      cat("step ", s + 1, ": ", !std::isfinite(loss) ? "loss" : "gradient norm", " is ",
+          !std::isfinite(loss) ? loss : grad_norm);
+  if (!skip_nonfinite)
+    throw Error(ErrorKind::kData,
+                cat(what, " (train.on_nonfinite: stop; set it to skip to drop such steps)"));
+  log::warn(what, ": update skipped (train.on_nonfinite: skip)");
+  return false;
 }
 
 TrainSummary train(const Config& config, const TrainOptions& options,
@@ -339,16 +356,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     const double t_norm = now_s();
     const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm, expert_rows);
     const double lr = schedule.at(s);
-    bool skipped = false;
-    if (!std::isfinite(loss) || !std::isfinite(norm)) {
-      // Steps are numbered from 1 here as in the progress line and the metrics ("step").
-      std::string what = cat("step ", s + 1, ": ", !std::isfinite(loss) ? "loss" : "gradient norm",
-                             " is ", !std::isfinite(loss) ? loss : norm);
-      if (!skip_nonfinite)
-        throw Error(ErrorKind::kData, cat(what, " (train.on_nonfinite: stop; set it to skip to ",
-                                          "drop such steps)"));
-      log::warn(what, ": update skipped (train.on_nonfinite: skip)");
-      skipped = true;
+    const bool skipped = !step_is_finite(s, loss, norm, skip_nonfinite);
+    if (skipped) {
       ++steps_skipped;
     } else {
       // Clipping inside the update: one pass over parameters, gradients and moments.
@@ -416,7 +425,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     }
     // A stop signal (Slurm's --signal before the time limit, or SIGTERM) on any rank: all ranks
     // see the same maximum signal number after this step, checkpoint it and leave the loop.
-    const int stop_signal = comm.max(g_stop_signal.load(std::memory_order_relaxed), "stop signal");
+    const int stop_signal = agree_stop_signal(comm);
     if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step || stop_signal != 0) {
       checkpoint::Metadata meta;
       meta.step = s + 1;
@@ -429,7 +438,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     }
     if (stop_signal != 0 && !last_step) {
       summary.stopped_by_signal = stop_signal;
-      log::info0("stopping at step ", s + 1, " on signal ", signal_name(stop_signal),
+      log::info0("stopping at step ", s + 1, " on signal ", stop_signal_name(stop_signal),
                  ": checkpoint ", summary.checkpoint);
       break;
     }
@@ -507,7 +516,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"ranks", P},
                          {"checkpoint", summary.checkpoint}};
   if (summary.stopped_by_signal != 0)
-    done["stopped_by_signal"] = signal_name(summary.stopped_by_signal);
+    done["stopped_by_signal"] = stop_signal_name(summary.stopped_by_signal);
   metrics.write(done);
   log::info0("done: ", done.dump());
   return summary;

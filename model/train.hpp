@@ -43,6 +43,16 @@ struct TrainSummary {
 // train() installs them itself; call this earlier to cover start-up too. Idempotent.
 void install_stop_signal_handlers();
 
+// Shared by the trainers (model/train.cpp, model/single_gate_train.cpp), once per step:
+// The stop signal received on any rank so far (the largest signal number; 0: none). Collective,
+// so every rank sees the same value after the same step.
+int agree_stop_signal(const comm::Communicator& comm);
+const char* stop_signal_name(int sig);  // "SIGTERM", "SIGUSR1"
+// Whether step s + 1 (global loss and gradient norm) may update the weights: true when both are
+// finite; otherwise train.on_nonfinite decides: stop throws a kData error naming the step, skip
+// logs a warning naming it and returns false. The values are global: every rank decides alike.
+bool step_is_finite(int64_t s, double loss, double grad_norm, bool skip_nonfinite);
+
 // Runs training as configured. Collective over comm; throws moe::Error on bad input.
 TrainSummary train(const Config& config, const TrainOptions& options,
                    const comm::Communicator& comm);

@@ -33,10 +33,11 @@ ModelConfig tiny(bool tie) {
   return c;
 }
 
-SingleGateConfig sg(double ensemble = 0.5) {
+SingleGateConfig sg(double ensemble = 0.5, bool freeze_base = true) {
   SingleGateConfig s;
   s.shared_layers = 1;
   s.ensemble = ensemble;
+  s.freeze_base = freeze_base;
   return s;
 }
 
@@ -114,25 +115,27 @@ void expect_same(const Result& dist, Result& single) {
 
 }  // namespace
 
-class SingleGateDistributed : public testing::TestWithParam<std::tuple<Phase, bool>> {};
+// (phase, tied embeddings, freeze_base)
+class SingleGateDistributed : public testing::TestWithParam<std::tuple<Phase, bool, bool>> {};
 
 TEST_P(SingleGateDistributed, EqualsSingleRank) {
-  auto [phase, tie] = GetParam();
+  auto [phase, tie, freeze] = GetParam();
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
   const ModelConfig cfg = tiny(tie);
   auto data = windows(kSeq, kLen, cfg.vocab_size, 5);
-  Result dist = run(cfg, sg(), world, phase, data, {});
-  Result single = run(cfg, sg(), self, phase, data, {});
+  Result dist = run(cfg, sg(0.5, freeze), world, phase, data, {});
+  Result single = run(cfg, sg(0.5, freeze), self, phase, data, {});
   expect_same(dist, single);
   EXPECT_EQ(dist.routed, single.routed);
 }
 
 INSTANTIATE_TEST_SUITE_P(Phases, SingleGateDistributed,
-                         testing::Values(std::make_tuple(Phase::kBase, true),
-                                         std::make_tuple(Phase::kExperts, true),
-                                         std::make_tuple(Phase::kExperts, false),
-                                         std::make_tuple(Phase::kGate, false)));
+                         testing::Values(std::make_tuple(Phase::kBase, true, true),
+                                         std::make_tuple(Phase::kExperts, true, true),
+                                         std::make_tuple(Phase::kExperts, true, false),
+                                         std::make_tuple(Phase::kExperts, false, false),
+                                         std::make_tuple(Phase::kGate, false, true)));
 
 // Forced routing, uneven (expert 2 gets none, expert 0 half): each expert receives exactly its
 // sequences' rows, whole and in global sequence order, on every rank count.
@@ -189,16 +192,17 @@ TEST(SingleGate, EarlyExitThresholdZeroSkipsTheExchange) {
   EXPECT_NEAR(early_loss, base_loss, 1e-6 * std::abs(base_loss));
 }
 
-class SingleGateGradient : public testing::TestWithParam<std::tuple<Phase, double>> {};
+// (phase, ensemble, freeze_base); only the trained parameters are checked.
+class SingleGateGradient : public testing::TestWithParam<std::tuple<Phase, double, bool>> {};
 
 TEST_P(SingleGateGradient, MatchesFiniteDifferences) {
-  auto [phase, ensemble] = GetParam();
+  auto [phase, ensemble, freeze] = GetParam();
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
   const ModelConfig cfg = tiny(false);
   const int64_t n_seq = 4;
   auto data = windows(n_seq, kLen, cfg.vocab_size, 11);
-  SingleGateModel model(cfg, sg(ensemble), self, 3);
+  SingleGateModel model(cfg, sg(ensemble, freeze), self, 3);
   const std::vector<int32_t> forced = {2, 0, 2, 3};
   if (phase == Phase::kExperts) model.force_experts(forced);
   const double norm = phase == Phase::kGate ? double(n_seq) : double(n_seq * kLen);
@@ -233,7 +237,8 @@ TEST_P(SingleGateGradient, MatchesFiniteDifferences) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Phases, SingleGateGradient,
-                         testing::Values(std::make_tuple(Phase::kBase, 0.5),
-                                         std::make_tuple(Phase::kExperts, 0.5),
-                                         std::make_tuple(Phase::kExperts, 0.0),
-                                         std::make_tuple(Phase::kGate, 0.3)));
+                         testing::Values(std::make_tuple(Phase::kBase, 0.5, true),
+                                         std::make_tuple(Phase::kExperts, 0.5, true),
+                                         std::make_tuple(Phase::kExperts, 0.5, false),
+                                         std::make_tuple(Phase::kExperts, 0.0, false),
+                                         std::make_tuple(Phase::kGate, 0.3, true)));

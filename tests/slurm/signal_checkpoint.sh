@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# signal_checkpoint.sh <SIGNAL> — without Slurm: SIGUSR1 or SIGTERM to mpirun (which passes it to
+# signal_checkpoint.sh <SIGNAL> [MOE-TRAIN ARGS...] — without Slurm: SIGUSR1 or SIGTERM to mpirun (which passes it to
 # every rank) during a 2-rank tiny run: all ranks stop after the same step N with a checkpoint,
 # rank 0 prints "stopping at step N on signal SIG<name>: checkpoint <dir>", mpirun exits 0, and
-# --resume starts at step N.
+# --resume starts at step N. Extra arguments go to every moe-train (e.g. another router).
 # Environment (from tests/CMakeLists.txt): MOE_TRAIN, MOE_TINY, MOE_DATA, MOE_MPIRUN, MOE_SCRATCH.
 set -euo pipefail
 sig=$1
+shift
 S=$MOE_SCRATCH
 rm -rf "$S"
 mkdir -p "$S"
@@ -15,7 +16,7 @@ fail() {
   exit 1
 }
 common=(--config "$MOE_TINY" --set "data.path=$MOE_DATA" --set "run.dir=$S/run"
-  --set "checkpoint.dir=$S/ck" --set log.every=1)
+  --set "checkpoint.dir=$S/ck" --set log.every=1 "$@")
 # shellcheck disable=SC2086  # MOE_MPIRUN is a command line
 $MOE_MPIRUN -np 2 "$MOE_TRAIN" "${common[@]}" --set train.steps=100000 >"$S/run.log" 2>&1 &
 pid=$!
