@@ -380,7 +380,8 @@ const std::vector<ConfigKey> kSchema = {
      0,
      10,
      {},
-     "UMoE attention router: load-balancing loss coefficient (Switch form over the global batch)"},
+     "UMoE attention router: sequence-level load-balancing loss coefficient (E sum_i f_i P_i "
+     "per sequence, averaged over the global micro-batch's sequences)"},
     // Optimiser, schedule, checkpoints and gradient all-reduce (model/optim, runtime/checkpoint,
     // comm/allreduce).
     {"train.steps",

@@ -34,7 +34,6 @@ UmoeConfig UmoeConfig::from(const Config& c) {
   u.renormalize = c.get_bool("model.umoe.renormalize");
   u.aux_loss_coef = c.get_float("model.umoe.aux_loss_coef");
   u.rope_base = c.get_float("model.rope_base");
-  u.global_balance = c.get_string("model.moe.aux_loss_scope") == "global";
   if (u.d_qk % 2 != 0)
     throw Error(ErrorKind::kConfig,
                 cat("model.umoe.d_qk = ", u.d_qk, " must be even (RoPE rotates pairs)"));
@@ -81,8 +80,9 @@ UmoeAttention::UmoeAttention(std::string name, int64_t d_model, const UmoeConfig
             " (>= 1), shared_experts = ", config.shared_experts, " (>= 0)"));
   // The router's weights get their own seed, so the block's FFN router starts different.
   const uint64_t rseed = seed ^ init_stream((name_ + ".router").c_str(), 0);
-  TopKOptions o{moe.n_experts,        config.top_k,       config.renormalize,
-                config.aux_loss_coef, config.z_loss_coef, config.global_balance};
+  TopKOptions o{moe.n_experts, config.top_k, config.renormalize, config.aux_loss_coef,
+                config.z_loss_coef};
+  o.sequence_balance = true;  // the paper's sequence-level load-balancing loss
   router_ = std::make_unique<TopKRouter>(d_model, o, &comm, rseed);
   const float bd = 1.0f / std::sqrt(static_cast<float>(d_model));
   init_uniform(w_q_.view(), bd, seed, init_stream((name_ + ".w_q").c_str(), 0));
@@ -227,7 +227,10 @@ void UmoeAttention::forward(ConstView x, int64_t n_seq, View y) {
   const comm::ExchangeStats s0 = ex_.stats();
   const int64_t nq = E_ + config_.shared_experts;
 
-  // route (collective: global load statistics)
+  // route (collective: global load statistics; the balance loss per sequence)
+  std::vector<int64_t> seq_row0(static_cast<size_t>(n_seq) + 1);
+  for (int64_t b = 0; b <= n_seq; ++b) seq_row0[static_cast<size_t>(b)] = b * s_;
+  router_->set_sequences(std::move(seq_row0));
   router_->forward(x, route_);
   const int k = route_.k;
   routed_.m = k;
@@ -317,7 +320,8 @@ void UmoeAttention::forward_cached(ConstView x, std::span<const int64_t> n_new,
   MOE_CHECK_SHAPE(y, T, d, cat(name_, ".forward_cached y"));
   MOE_CHECK(dqk <= d, name_, ": d_qk ", dqk, " > d_model ", d, " does not fit the KV cache");
   if (rope_decode_.n_pos() < max_end) rope_decode_.prepare(0, max_end);
-  router_->forward(x, route_);  // collective, also with T = 0
+  router_->set_sequences(row0_);  // the balance loss over each sequence's new tokens
+  router_->forward(x, route_);    // collective, also with T = 0
   routed_.m = route_.k;
   View qb = scratch(qb_, T, dqk), kk = scratch(k_, T, dqk), u = scratch(u_, T, nq * r_);
   if (T > 0) {

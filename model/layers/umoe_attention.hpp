@@ -53,21 +53,20 @@
 #include "model/layers/attention.hpp"
 #include "model/layers/ffn.hpp"
 #include "model/layers/moe_layer.hpp"
-#include "model/routers/router.hpp"
+#include "model/routers/topk.hpp"
 
 namespace moe::model {
 
 // model.umoe.* (the expert count, width and activation come from model.moe.*, since the
 // experts are the MoE layer's).
 struct UmoeConfig {
-  int top_k = 2;             // attention slots per token
-  int64_t d_qk = 64;         // query/key width (even)
-  int64_t query_rank = 16;   // r
-  int shared_experts = 1;    // n_s, each with its own query correction
-  bool renormalize = false;  // renormalise the top-k probabilities
-  double aux_loss_coef = 1e-3;
+  int top_k = 2;                // attention slots per token
+  int64_t d_qk = 64;            // query/key width (even)
+  int64_t query_rank = 16;      // r
+  int shared_experts = 1;       // n_s, each with its own query correction
+  bool renormalize = false;     // renormalise the top-k probabilities
+  double aux_loss_coef = 1e-3;  // sequence-level load balancing (per sequence, then mean)
   double z_loss_coef = 0.0;
-  bool global_balance = true;  // model.moe.aux_loss_scope (global or rank), as the FFN router
   double rope_base = 10000.0;
   float norm_eps = 1e-6f;  // of the query correction's rms
 
@@ -148,7 +147,7 @@ class UmoeAttention {
   MoeConfig moe_;
   comm::ExpertPlacement placement_;
   const comm::Communicator& comm_;
-  std::unique_ptr<Router> router_;
+  std::unique_ptr<TopKRouter> router_;
   ExpertBank experts_;
   std::vector<std::unique_ptr<Ffn>> shared_;  // [n_s]
   comm::Exchange ex_;

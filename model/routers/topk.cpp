@@ -73,9 +73,10 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
   const bool biased = options_.bias_balance;
   const float* bias = bias_.data();
 
-  // Local statistics, reduced below in one all-reduce:
-  // [count E | prob sum E | z sum | T | rank-scope load-balancing loss].
-  std::vector<double> stats(2 * E + 3, 0.0);
+  // Local statistics, reduced below in one all-reduce: [count E | prob sum E | z sum | T |
+  // rank- or sequence-scope load-balancing loss sum | sequences].
+  const bool by_seq = options_.sequence_balance;
+  std::vector<double> stats(2 * E + 4, 0.0);
 #pragma omp parallel
   {
     std::vector<double> local(2 * E + 1, 0.0);
@@ -113,7 +114,41 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
   // Rank scope: this rank's own load-balancing loss, from its local statistics, before the
   // reduction; the reduction then sums the ranks' losses (slot 2E + 2) for the report.
   std::vector<double> local_f(E, 0.0);
-  if (!options_.global_balance && T > 0) {
+  if (by_seq) {
+    // Per-sequence f_i^s and P_i^s from this rank's whole sequences.
+    MOE_CHECK(!seq_row0_.empty() && seq_row0_.front() == 0 && seq_row0_.back() == T,
+              "topk_router: sequence scope needs set_sequences() covering the ", T, " rows");
+    const int64_t B = static_cast<int64_t>(seq_row0_.size()) - 1;
+    for (int64_t b = 0; b < B; ++b)
+      MOE_CHECK(seq_row0_[b + 1] >= seq_row0_[b], "topk_router: sequence offsets decrease at ", b);
+    c.seq_f.assign(static_cast<size_t>(B * E), 0.0);
+    c.seq_of.resize(T);
+    double lb_sum = 0.0, n_seq = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : lb_sum, n_seq)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r0 = seq_row0_[b], r1 = seq_row0_[b + 1];
+      if (r1 == r0) continue;
+      const double S = static_cast<double>(r1 - r0);
+      double* f = &c.seq_f[b * E];
+      std::vector<double> psum(E, 0.0);
+      for (int64_t t = r0; t < r1; ++t) {
+        c.seq_of[t] = static_cast<int32_t>(b);
+        const float* p = probs.row(t);
+        for (int i = 0; i < E; ++i) psum[i] += p[i];
+        for (int j = 0; j < k; ++j) f[c.expert[t * k + j]] += 1.0;
+      }
+      double lb = 0.0;
+      for (int i = 0; i < E; ++i) {
+        f[i] /= S * k;
+        lb += f[i] * psum[i] / S;
+        f[i] /= S;  // kept as f_i^s / S_s for the backward
+      }
+      lb_sum += E * lb;
+      n_seq += 1.0;
+    }
+    stats[2 * E + 2] = lb_sum;
+    stats[2 * E + 3] = n_seq;
+  } else if (!options_.global_balance && T > 0) {
     double lb = 0.0;
     for (int i = 0; i < E; ++i) {
       local_f[i] = stats[i] / (static_cast<double>(T) * k);
@@ -127,7 +162,9 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
 
   const double N = stats[2 * E + 1];
   c.n_global = N;
-  c.balance_norm = options_.global_balance ? N : static_cast<double>(T) * n_ranks;
+  c.balance_norm = by_seq                    ? stats[2 * E + 3]
+                   : options_.global_balance ? N
+                                             : static_cast<double>(T) * n_ranks;
   c.f.assign(E, 0.0);
   c.count.assign(stats.begin(), stats.begin() + E);
   out.prob_sum.assign(stats.begin() + E, stats.begin() + 2 * E);
@@ -144,7 +181,9 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
       lb += c.f[i] * (stats[E + i] / N);
     }
   }
-  if (!options_.global_balance) {
+  if (by_seq) {
+    lb = stats[2 * E + 3] > 0 ? stats[2 * E + 2] / (E * stats[2 * E + 3]) : 0.0;
+  } else if (!options_.global_balance) {
     c.f = local_f;
     lb = stats[2 * E + 2] / (E * n_ranks);  // mean of the ranks' losses
   }
@@ -167,8 +206,10 @@ void TopKRouter::backward(ConstView dweight, float aux_scale, View dx) {
   ConstView probs(c.probs.data(), T, E);
   View dlogits = scratch(c.dlogits, T, E);
   const double N = c.n_global;
-  // dLB/dp_ti = E f_i / N;  dZ/dlogit_ti = 2 lse_t p_ti / N.
-  const double lb_norm = c.balance_norm;  // N (global scope) or T * P (rank scope)
+  // dLB/dp_ti = E f_i / N (sequence scope: E f_i^s / (S_s n_seq));  dZ/dlogit_ti = 2 lse_t p_ti /
+  // N.
+  const bool by_seq = options_.sequence_balance;
+  const double lb_norm = c.balance_norm;  // N (global), T * P (rank) or n_seq (sequence)
   const double lb_scale = lb_norm > 0 ? aux_scale * options_.aux_loss_coef * E / lb_norm : 0.0;
   const double z_scale = N > 0 ? aux_scale * options_.z_loss_coef * 2.0 / N : 0.0;
 #pragma omp parallel
@@ -180,7 +221,8 @@ void TopKRouter::backward(ConstView dweight, float aux_scale, View dx) {
       const int32_t* ids = &c.expert[t * k];
       const float* w = &c.weight[t * k];
       const float* dw = dweight.row(t);
-      for (int i = 0; i < E; ++i) dp[i] = lb_scale * c.f[i];
+      const double* f = by_seq ? &c.seq_f[static_cast<size_t>(c.seq_of[t]) * E] : c.f.data();
+      for (int i = 0; i < E; ++i) dp[i] = lb_scale * f[i];
       if (options_.renormalize) {
         // w_j = p_j / S:  dp_j = (dw_j - sum_m dw_m w_m) / S
         double S = 0.0, dot = 0.0;

@@ -13,6 +13,13 @@
 // f_i is a count (no gradient), as in Switch. With a null communicator this rank is the whole
 // batch (unit tests, single process).
 //
+// Sequence scope (sequence_balance; the UMoE attention router): the caller names the sequences
+// of each call (set_sequences: row offsets, every sequence whole on this rank), and
+//   LB = mean over the n_seq sequences of ALL ranks of  E * sum_i f_i^s P_i^s,
+//   f_i^s = slots of sequence s routed to i / (S_s k),  P_i^s = sum_{t in s} p_ti / S_s,
+// so dLB/dp_ti = E f_i^s / (S_s n_seq) for t in s. Only the sum over sequences and n_seq are
+// reduced, so the loss does not depend on the rank count.
+//
 // Loss-free bias balancing (model.moe.router: topk_bias, DeepSeek-V3): a bias b [E] (not
 // trained by the optimiser; replicated, checkpointed) enters only the SELECTION,
 //   slots  = the k largest p_ti + b_i per token (ties: the lower expert id),
@@ -24,6 +31,9 @@
 // The load-balancing loss is still computed and reported, but its coefficient is 0 in this
 // mode (the bias does the balancing); the z-loss applies as configured.
 #pragma once
+
+#include <utility>
+#include <vector>
 
 #include "comm/communicator.hpp"
 #include "model/routers/router.hpp"
@@ -46,6 +56,9 @@ struct TopKOptions {
   // Loss-free bias balancing (see the top); gamma = bias_update_rate.
   bool bias_balance = false;
   double bias_update_rate = 1e-3;
+  // Per-sequence statistics (see the top); overrides global_balance. The sequences of each
+  // forward come from set_sequences().
+  bool sequence_balance = false;
 };
 
 class TopKRouter final : public Router {
@@ -67,6 +80,9 @@ class TopKRouter final : public Router {
   std::vector<ParamRef> params() override;
   std::vector<std::pair<std::string, View>> buffers() override;
   void end_step(bool applied) override;
+  // sequence_balance: the sequences of the next forward()/infer() calls, as row offsets
+  // [n_seq + 1] (0, ..., T); empty sequences are not counted. Local.
+  void set_sequences(std::vector<int64_t> row0) { seq_row0_ = std::move(row0); }
 
   Tensor& w() { return w_; }
   Tensor& dw() { return dw_; }
@@ -78,10 +94,11 @@ class TopKRouter final : public Router {
   int64_t d_;
   TopKOptions options_;
   const comm::Communicator* comm_;
-  Tensor w_;                  // [d, E]
-  Tensor dw_;                 // [d, E]
-  Tensor bias_;               // [1, E] selection bias b (bias_balance)
-  std::vector<double> load_;  // [E] global routed slots since the last end_step
+  Tensor w_;                       // [d, E]
+  Tensor dw_;                      // [d, E]
+  Tensor bias_;                    // [1, E] selection bias b (bias_balance)
+  std::vector<double> load_;       // [E] global routed slots since the last end_step
+  std::vector<int64_t> seq_row0_;  // [n_seq + 1] sequence offsets (sequence_balance)
   // forward(), its statistics reduced over comm_ (global) or not (infer()).
   void run(ConstView x, RouteResult& out, bool global);
   struct Cache {
@@ -94,7 +111,9 @@ class TopKRouter final : public Router {
     std::vector<double> f;        // [E] global slot fractions f_i
     std::vector<double> count;    // [E] global routed slots per expert
     double n_global = 0.0;        // N
-    double balance_norm = 0.0;    // N (global scope) or T * P (rank scope)
+    double balance_norm = 0.0;    // N (global), T * P (rank) or global n_seq (sequence)
+    std::vector<double> seq_f;    // [n_seq, E] f_i^s / S_s (sequence scope)
+    std::vector<int32_t> seq_of;  // [T] sequence of each token (sequence scope)
   } cache_;
 };
 

@@ -1,8 +1,8 @@
 // TopKRouter: forward against a double-precision reference, backward (weights path, load-balancing
-// loss and z-loss) against central finite differences of that reference, top-k ties and
-// renormalisation on/off; the topk_bias selection and bias update; the expert-choice router's
-// capacity, weights and backward. Single process: a null communicator makes this rank the whole
-// batch.
+// loss over the batch or per sequence, and z-loss) against central finite differences of that
+// reference, top-k ties and renormalisation on/off; the topk_bias selection and bias update; the
+// expert-choice router's capacity, weights and backward. Single process: a null communicator makes
+// this rank the whole batch.
 #include "model/routers/expert_choice.hpp"
 #include "model/routers/topk.hpp"
 #include "tests/test_util.hpp"
@@ -36,12 +36,25 @@ struct Reference {
   double a, b, s;
   std::vector<int32_t> ids;  // [T, k]
   std::vector<double> c;     // [T, k]
+  std::vector<int64_t> seq;  // sequence offsets [n_seq + 1] (sequence scope), or empty
+
+  // E sum_i f_i P_i over rows [r0, r1), given the rows' probabilities.
+  double balance(const std::vector<double>& probs, int64_t r0, int64_t r1) const {
+    std::vector<double> count(E, 0.0), psum(E, 0.0);
+    for (int64_t t = r0; t < r1; ++t)
+      for (int j = 0; j < k; ++j) count[ids[t * k + j]] += 1.0;
+    for (int64_t t = r0; t < r1; ++t)
+      for (int i = 0; i < E; ++i) psum[i] += probs[t * E + i];
+    const double n = double(r1 - r0);
+    double lb = 0.0;
+    for (int i = 0; i < E; ++i) lb += count[i] / (n * k) * psum[i] / n;
+    return E * lb;
+  }
 
   double loss(const std::vector<double>& x, const std::vector<double>& w,
               std::vector<double>* weights = nullptr, double* lb_out = nullptr,
               double* z_out = nullptr) const {
-    std::vector<double> count(E, 0.0), psum(E, 0.0);
-    for (int32_t e : ids) count[e] += 1.0;
+    std::vector<double> probs;
     double main = 0.0, zsum = 0.0;
     for (int64_t t = 0; t < T; ++t) {
       std::vector<double> l(E, 0.0);
@@ -54,7 +67,7 @@ struct Reference {
       const double lse = m + std::log(sum);
       zsum += lse * lse;
       std::vector<double> p(E);
-      for (int i = 0; i < E; ++i) p[i] = std::exp(l[i] - lse), psum[i] += p[i];
+      for (int i = 0; i < E; ++i) p[i] = std::exp(l[i] - lse), probs.push_back(p[i]);
       double sel = 0.0;
       for (int j = 0; j < k; ++j) sel += p[ids[t * k + j]];
       for (int j = 0; j < k; ++j) {
@@ -64,8 +77,14 @@ struct Reference {
       }
     }
     double lb = 0.0;
-    for (int i = 0; i < E; ++i) lb += count[i] / double(T * k) * psum[i] / double(T);
-    lb *= E;
+    if (seq.empty()) {
+      lb = balance(probs, 0, T);
+    } else {  // mean over the non-empty sequences
+      double n_seq = 0.0;
+      for (size_t b = 0; b + 1 < seq.size(); ++b)
+        if (seq[b + 1] > seq[b]) lb += balance(probs, seq[b], seq[b + 1]), n_seq += 1.0;
+      lb /= n_seq;
+    }
     const double z = zsum / double(T);
     if (lb_out) *lb_out = lb;
     if (z_out) *z_out = z;
@@ -100,19 +119,23 @@ class RouterGrad : public testing::TestWithParam<std::tuple<int, bool>> {};
 // in fp32 (softmax, one GEMM of depth E or T), so its normwise error is a few hundred ulps at
 // most (~1e-5); the double central difference with h = 1e-6 is accurate to ~1e-9. 1e-4 leaves
 // a 10x margin and still catches any missing term (the smallest term here is ~1e-2 of the norm).
-TEST_P(RouterGrad, MatchesFiniteDifferencesOfDoubleReference) {
-  auto [k, renorm] = GetParam();
-  const int64_t T = 9, d = 6;
+namespace {
+
+// seq empty: the global-batch load-balancing loss; else the sequence scope over these offsets.
+void check_router_grad(int k, bool renorm, const std::vector<int64_t>& seq) {
+  const int64_t T = seq.empty() ? 9 : seq.back(), d = 6;
   const int E = 5;
   TopKOptions opt{E, k, renorm, 0.3, 0.2};
+  opt.sequence_balance = !seq.empty();
   TopKRouter router(d, opt, nullptr, 42);
+  router.set_sequences(seq);
   randomize(router.w().view(), 7, 0.8f);
   Tensor x({T, d});
   randomize(x.view(), 11);
   RouteResult r;
   router.forward(x.view(), r);
 
-  Reference ref{T, d, E, k, renorm, opt.aux_loss_coef, opt.z_loss_coef, 0.7, r.expert, {}};
+  Reference ref{T, d, E, k, renorm, opt.aux_loss_coef, opt.z_loss_coef, 0.7, r.expert, {}, seq};
   Tensor dweight({T, k});
   randomize(dweight.view(), 13);
   for (int64_t i = 0; i < T * k; ++i) ref.c.push_back(dweight[i]);
@@ -153,6 +176,19 @@ TEST_P(RouterGrad, MatchesFiniteDifferencesOfDoubleReference) {
   Tensor dw1 = router.dw().clone();
   router.backward(dweight.view(), 0.7f, dx.view());
   for (int64_t i = 0; i < dw1.numel(); ++i) EXPECT_NEAR(router.dw()[i], 2 * dw1[i], 1e-5);
+}
+
+}  // namespace
+
+TEST_P(RouterGrad, MatchesFiniteDifferencesOfDoubleReference) {
+  auto [k, renorm] = GetParam();
+  check_router_grad(k, renorm, {});
+}
+
+// Sequence scope (the UMoE attention router): sequences of unequal length, one of them empty.
+TEST_P(RouterGrad, SequenceScopeMatchesFiniteDifferences) {
+  auto [k, renorm] = GetParam();
+  check_router_grad(k, renorm, {0, 5, 5, 9, 12});
 }
 
 INSTANTIATE_TEST_SUITE_P(KAndRenorm, RouterGrad,
