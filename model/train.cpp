@@ -363,8 +363,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       // Clipping inside the update: one pass over parameters, gradients and moments.
       opt.step(lr, clip_factor(norm, config.get_float("train.grad_clip")));
     }
-    const double norm_seconds = now_s() - t_norm;  // global norm + clipping
-    if (!skipped) opt.step(lr);
+    const double norm_seconds = now_s() - t_norm;  // global norm, clipping and the update
     model.end_step(!skipped);  // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
     imbalance_sum += imbalance;
