@@ -364,7 +364,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       opt.step(lr, clip_factor(norm, config.get_float("train.grad_clip")));
     }
     const double norm_seconds = now_s() - t_norm;  // global norm, clipping and the update
-    model.end_step(!skipped);  // router bias updates (topk_bias)
+    model.end_step(!skipped);                      // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
     imbalance_sum += imbalance;
     const double dt = now_s() - t0;
