@@ -358,20 +358,9 @@ void MoeLayer::record_forward_stats(const comm::ExchangeStats& s0, const comm::E
   stats_.expert_seconds = expert_s;
 }
 
-void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
-  const int64_t T = x_.rows, d = d_;
-  const int k = route_.k, C = config_.pipeline_chunks;
-  MOE_CHECK_SHAPE(dy, T, d, cat(name_, ".backward dy"));
-  MOE_CHECK_SHAPE(dx, T, d, cat(name_, ".backward dx"));
-  const comm::ExchangeStats s0 = ex_dispatch_.stats(), s1 = ex_combine_.stats();
-  double expert_s = 0.0;
-  const std::vector<uint8_t>& kept = plan_.kept();
-  const float* w = route_.weight.data();
-
-  // combine^T, local part: dweight_tj = <dy_t, slot_out_tj>, ds_tj = w_tj dy_t.
-  View dweight = scratch(dweight_, T, k);
-  View ds = scratch(slot_grad_, T * k, d);
-  ConstView slot_out(slot_out_.data(), T * k, d);
+void combine_transpose(ConstView dy, ConstView slot_out, const float* w,
+                       const std::vector<uint8_t>& kept, int k, View dweight, View ds) {
+  const int64_t T = dy.rows, d = dy.cols;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     const float* g = dy.row(t);
@@ -393,6 +382,23 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
       dweight(t, j) = static_cast<float>(dot);
     }
   }
+}
+
+void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
+  const int64_t T = x_.rows, d = d_;
+  const int k = route_.k, C = config_.pipeline_chunks;
+  MOE_CHECK_SHAPE(dy, T, d, cat(name_, ".backward dy"));
+  MOE_CHECK_SHAPE(dx, T, d, cat(name_, ".backward dx"));
+  const comm::ExchangeStats s0 = ex_dispatch_.stats(), s1 = ex_combine_.stats();
+  double expert_s = 0.0;
+  const std::vector<uint8_t>& kept = plan_.kept();
+  const float* w = route_.weight.data();
+
+  // combine^T, local part: dweight_tj = <dy_t, slot_out_tj>, ds_tj = w_tj dy_t.
+  View dweight = scratch(dweight_, T, k);
+  View ds = scratch(slot_grad_, T * k, d);
+  ConstView slot_out(slot_out_.data(), T * k, d);
+  combine_transpose(dy, slot_out, w, kept, k, dweight, ds);
 
   View dslot = ds;  // each chunk's ds rows are sent before its dslot rows arrive
   int64_t R = 0;

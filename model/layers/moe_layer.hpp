@@ -116,6 +116,12 @@ struct MoeLoadStats {
   double expert_seconds = 0.0;    // this rank, inside ExpertBank forward + backward
 };
 
+// combine^T, local part shared by the MoE layer and UMoE attention: for slot s = t k + j,
+// dweight(t, j) = <dy_t, slot_out_s> and ds_s = w_s dy_t; a slot that is not kept gets 0 and a
+// zero row. dy [T, d], slot_out [T*k, d], w and kept [T*k], dweight [T, k], ds [T*k, d].
+void combine_transpose(ConstView dy, ConstView slot_out, const float* w,
+                       const std::vector<uint8_t>& kept, int k, View dweight, View ds);
+
 class MoeLayer {
  public:
   // The placement must have config.n_experts experts over comm.size() ranks. Weights come

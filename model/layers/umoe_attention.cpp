@@ -481,26 +481,7 @@ void UmoeAttention::backward(ConstView dy, View dx, float aux_scale) {
   // combine^T, local: dweight_tj = <dy_t, slot_out_tj>, ds_tj = p_tj dy_t
   View dweight = scratch(dweight_, T, k), ds = scratch(ds_, T * k, d);
   ConstView slot_out(slot_out_.data(), T * k, d);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    const float* gr = dy.row(t);
-    for (int j = 0; j < k; ++j) {
-      const int64_t s = t * k + j;
-      float* o = ds.row(s);
-      if (!kept[s]) {
-        dweight(t, j) = 0.0f;
-        for (int64_t c = 0; c < d; ++c) o[c] = 0.0f;
-        continue;
-      }
-      const float* so = slot_out.row(s);
-      double dot = 0.0;
-      for (int64_t c = 0; c < d; ++c) {
-        dot += double(gr[c]) * so[c];
-        o[c] = w[s] * gr[c];
-      }
-      dweight(t, j) = static_cast<float>(dot);
-    }
-  }
+  combine_transpose(dy, slot_out, w, kept, k, dweight, ds);
   const int64_t R = plan_.n_recv();
   View dyin(yout_.data(), R, d), dxin(xin_.data(), R, d);
   ex_.dispatch_slots(plan_, ds, dyin);    // combine^T
