@@ -32,6 +32,38 @@ inline float exp_approx(float x) {
   return e * std::bit_cast<float>(bits);
 }
 
+// A causal attention row of `width` scores: softmax over columns 0..last (a stable one: minus
+// the row maximum), exact zeros in last+1..width-1. The fast form (exp_approx, float sum) serves
+// the attention layer; the exact form (std::exp, double sum) serves UMoE attention, whose tests
+// hold it to a double-precision reference.
+inline void softmax_causal_row(float* r, int64_t last, int64_t width) {
+  float m = r[0];
+  for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j <= last; ++j) {
+    r[j] = exp_approx(r[j] - m);
+    sum += r[j];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j <= last; ++j) r[j] *= inv;
+  for (int64_t j = last + 1; j < width; ++j) r[j] = 0.0f;
+}
+
+inline void softmax_causal_row_exact(float* r, int64_t last, int64_t width) {
+  float m = r[0];
+  for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
+  double sum = 0.0;
+  for (int64_t j = 0; j <= last; ++j) {
+    r[j] = std::exp(r[j] - m);
+    sum += r[j];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t j = 0; j <= last; ++j) r[j] *= inv;
+  for (int64_t j = last + 1; j < width; ++j) r[j] = 0.0f;
+}
+
 // cdf2 = 1 + erf(h / sqrt 2), pdf = phi(h), from one exponential.
 inline void gelu_parts(float h, float& cdf2, float& pdf) {
   const float u = std::abs(h) * 0.70710678118654752f;

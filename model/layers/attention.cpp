@@ -228,21 +228,7 @@ void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
       gemm(Trans::kNo, Trans::kYes, scale, q.row_range(r0, e - r0), ConstView(k).row_range(0, e),
            0.0f, s);
       // Causal, stable softmax: row t sees columns 0..t; the rest become exact zeros.
-      for (int64_t t = r0; t < e; ++t) {
-        float* r = s.row(t - r0);
-        float m = r[0];
-        for (int64_t j = 1; j <= t; ++j) m = std::max(m, r[j]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j <= t; ++j) {
-          r[j] = act::exp_approx(r[j] - m);
-          sum += r[j];
-        }
-        const float inv = 1.0f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j <= t; ++j) r[j] *= inv;
-        for (int64_t j = t + 1; j < e; ++j) r[j] = 0.0f;
-      }
+      for (int64_t t = r0; t < e; ++t) act::softmax_causal_row(s.row(t - r0), t, e);
       gemm(Trans::kNo, Trans::kNo, 1.0f, s, v.row_range(0, e), 0.0f, o.row_range(r0, e - r0));
     }
   }
@@ -306,22 +292,7 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
       gemm(Trans::kNo, Trans::kYes, scale, q, keys, 0.0f, s);
       // Causal, stable softmax as in forward(): new row t (position past + t) sees columns
       // 0 .. past + t.
-      for (int64_t t = 0; t < nb; ++t) {
-        float* r = s.row(t);
-        const int64_t last = past + t;
-        float m = r[0];
-        for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j <= last; ++j) {
-          r[j] = act::exp_approx(r[j] - m);
-          sum += r[j];
-        }
-        const float inv = 1.0f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j <= last; ++j) r[j] *= inv;
-        for (int64_t j = last + 1; j < total; ++j) r[j] = 0.0f;
-      }
+      for (int64_t t = 0; t < nb; ++t) act::softmax_causal_row(s.row(t), past + t, total);
       gemm(Trans::kNo, Trans::kNo, 1.0f, s, vals, 0.0f,
            att.row_range(row0_[static_cast<size_t>(b)], nb).col_range(h * dh, dh));
     }

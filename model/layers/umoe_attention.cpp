@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include "model/buffers.hpp"
+#include "model/layers/activation.hpp"
 #include "model/routers/topk.hpp"
 #include "runtime/gemm.hpp"
 
@@ -196,20 +197,8 @@ void UmoeAttention::mix_forward(Mix& g, ConstView x) {
     View pb = p.row_range(b * S * m, S * m);
     gemm(Trans::kNo, Trans::kYes, scale, q.row_range(b * S * m, S * m), k.row_range(b * S, S), 0.0f,
          pb);
-    for (int64_t i = 0; i < S * m; ++i) {
-      const int64_t s = i / m;  // the query's position: keys 0 .. s are visible
-      float* pr = pb.row(i);
-      float mx = pr[0];
-      for (int64_t c = 1; c <= s; ++c) mx = std::max(mx, pr[c]);
-      double sum = 0.0;
-      for (int64_t c = 0; c <= s; ++c) {
-        pr[c] = std::exp(pr[c] - mx);
-        sum += pr[c];
-      }
-      const float iv = static_cast<float>(1.0 / sum);
-      for (int64_t c = 0; c <= s; ++c) pr[c] *= iv;
-      for (int64_t c = s + 1; c < S; ++c) pr[c] = 0.0f;
-    }
+    // Query i sits at position i / m: keys 0 .. i / m are visible.
+    for (int64_t i = 0; i < S * m; ++i) act::softmax_causal_row_exact(pb.row(i), i / m, S);
     gemm(Trans::kNo, Trans::kNo, 1.0f, pb, x.row_range(b * S, S), 0.0f,
          z.row_range(b * S * m, S * m));
   }
@@ -358,20 +347,8 @@ void UmoeAttention::forward_cached(ConstView x, std::span<const int64_t> n_new,
         for (int64_t i = 0; i < nb * m; ++i) rope_decode_.apply_at(q.row_range(i, 1), past + i / m);
         View p = scratch(sc, nb * m, total);
         gemm(Trans::kNo, Trans::kYes, scale, q, kc, 0.0f, p);
-        for (int64_t i = 0; i < nb * m; ++i) {
-          const int64_t last = past + i / m;  // keys 0 .. last are visible
-          float* pr = p.row(i);
-          float mx = pr[0];
-          for (int64_t j = 1; j <= last; ++j) mx = std::max(mx, pr[j]);
-          double sum = 0.0;
-          for (int64_t j = 0; j <= last; ++j) {
-            pr[j] = std::exp(pr[j] - mx);
-            sum += pr[j];
-          }
-          const float iv = static_cast<float>(1.0 / sum);
-          for (int64_t j = 0; j <= last; ++j) pr[j] *= iv;
-          for (int64_t j = last + 1; j < total; ++j) pr[j] = 0.0f;
-        }
+        for (int64_t i = 0; i < nb * m; ++i)  // keys 0 .. past + i / m are visible
+          act::softmax_causal_row_exact(p.row(i), past + i / m, total);
         View z = View(g->z.data(), T * m, d).row_range(r0 * m, nb * m);
         gemm(Trans::kNo, Trans::kNo, 1.0f, p, vc, 0.0f, z);
       }
