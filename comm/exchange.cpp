@@ -361,7 +361,13 @@ void Exchange::forward_start(Movement& m, const DispatchPlan& plan, ConstView sr
              what);
   m.plan = &plan;
   const std::string op = cat(name_, " exchange ", what);
-  post(m, type, direct_self, op);
+  // Blocking with contiguous output rows: every block lands in its expert-grouped place.
+  m.in_place = direct_self && out.ld == d && blocks_in_place();
+  if (m.in_place) {
+    post_blocks(m, plan, type, /*forward=*/true, send, out.data, op);
+  } else {
+    post(m, type, direct_self, op);
+  }
 }
 
 // The one MPI call of a movement: blocking when the caller waits right away, else non-blocking.
@@ -377,6 +383,62 @@ void Exchange::post(Movement& m, MPI_Datatype type, bool blocking, const std::st
   }
 }
 
+bool Exchange::blocks_in_place() const {
+  return comm_.size() > 1 && nodes().n_nodes == 1;
+}
+
+// Blocking, one message per non-empty (rank, local expert) block to or from another rank, so
+// that the expert-grouped side needs no packing or regrouping copy: forward sends send-buffer
+// rows (packed in send order) and receives straight into `grouped` [R, d]; backward sends
+// straight from `grouped` and receives into `packed` in send order. Both sides list a pair's
+// blocks in local expert order (send_blocks, recv_blocks), and messages between two ranks with
+// one tag arrive in order, so each receive gets its block.
+void Exchange::post_blocks(Movement& m, const DispatchPlan& plan, MPI_Datatype type, bool forward,
+                           float* packed, float* grouped, const std::string& op) {
+  const int me = comm_.rank();
+  const int64_t d = m.d;
+  const int tag = forward ? kDispatchTag : kCombineTag;
+  std::vector<MPI_Request>& req = m.block_requests;
+  req.clear();
+  for (const RowBlock& b : plan.recv_blocks()) {  // the grouped side
+    if (b.source == me) continue;
+    req.emplace_back();
+    float* p = grouped + b.grouped * d;
+    const int n = static_cast<int>(b.rows);
+    if (forward) {
+      MOE_MPI_CHECK(MPI_Irecv(p, n, type, b.source, tag, comm_.raw(), &req.back()), op);
+    } else {
+      MOE_MPI_CHECK(MPI_Isend(p, n, type, b.source, tag, comm_.raw(), &req.back()), op);
+    }
+  }
+  for (const SendBlock& b : plan.send_blocks()) {  // the packed (send order) side
+    if (b.dest == me) continue;
+    req.emplace_back();
+    float* p = packed + b.send * d;
+    const int n = static_cast<int>(b.rows);
+    if (forward) {
+      MOE_MPI_CHECK(MPI_Isend(p, n, type, b.dest, tag, comm_.raw(), &req.back()), op);
+    } else {
+      MOE_MPI_CHECK(MPI_Irecv(p, n, type, b.dest, tag, comm_.raw(), &req.back()), op);
+    }
+  }
+  // One message per block: recount the messages set_counts counted per rank.
+  const NodeLayout* layout = hier_ ? &nodes() : nullptr;
+  m.pending.messages_sent = m.pending.internode_messages_sent = 0;
+  auto sent_to = [&](int q) {
+    ++m.pending.messages_sent;
+    if (layout && layout->node[q] != layout->node[me]) ++m.pending.internode_messages_sent;
+  };
+  if (forward) {
+    for (const SendBlock& b : plan.send_blocks())
+      if (b.dest != me) sent_to(b.dest);
+  } else {
+    for (const RowBlock& b : plan.recv_blocks())
+      if (b.source != me) sent_to(b.source);
+  }
+  MOE_MPI_CHECK(MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE), op);
+}
+
 void Exchange::forward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv) {
   MOE_CHECK(m.plan == &plan, name_, " exchange: dispatch wait without a matching start");
   const int64_t d = m.d;
@@ -388,13 +450,14 @@ void Exchange::forward_finish(Movement& m, const DispatchPlan& plan, View out, b
   const std::vector<RowBlock>& blocks = plan.recv_blocks();
   const int64_t nb = static_cast<int64_t>(blocks.size());
   const float* recv = m.recv.data();
+  const bool in_place = std::exchange(m.in_place, false);  // rows from peers already in `out`
   const bool stream = streams(plan.n_recv() * d);
 #pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
   {
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t j = 0; j < nb; ++j) {
       const RowBlock& b = blocks[j];
-      if (b.source == me && !self_in_recv) continue;
+      if (b.source == me ? !self_in_recv : in_place) continue;
       copy_rows(recv + b.raw * d, d, out.row(b.grouped), out.ld, b.rows, d, stream);
     }
     store_fence(stream);
@@ -428,12 +491,15 @@ void Exchange::backward_start(Movement& m, const DispatchPlan& plan, ConstView y
   float* send = m.send.data();
   float* recv = m.recv.data();
   const bool stream = streams(plan.n_recv() * d);
+  // Blocking with contiguous expert rows: blocks are sent straight from y, nothing is packed.
+  const bool in_place = direct_self && y.ld == d && blocks_in_place();
 #pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
   {
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t j = 0; j < nb; ++j) {
       const RowBlock& b = blocks[j];
       if (b.source != me) {
+        if (in_place) continue;
         copy_rows(y.row(b.grouped), y.ld, send + b.raw * d, d, b.rows, d, stream);
       } else {
         const int64_t i0 = self_begin + (b.raw - self_raw);
@@ -449,7 +515,11 @@ void Exchange::backward_start(Movement& m, const DispatchPlan& plan, ConstView y
              "combine");
   m.plan = &plan;
   const std::string op = cat(name_, " exchange combine");
-  post(m, type, direct_self, op);
+  if (in_place) {
+    post_blocks(m, plan, type, /*forward=*/false, recv, const_cast<float*>(y.data), op);
+  } else {
+    post(m, type, direct_self, op);
+  }
 }
 
 void Exchange::backward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv) {

@@ -828,7 +828,8 @@ TEST(ExchangeHierarchical, TrafficAcrossNodes) {
     const ExchangeStats &f = flat.stats(), &h = hier.stats();
     EXPECT_LE(f.internode_messages_sent, int64_t(N - 1) * L);
     EXPECT_LE(h.internode_messages_sent, int64_t(N - 1));
-    EXPECT_LE(f.messages_sent, int64_t(P - 1));
+    // On one node the blocking flat path sends one message per (rank, local expert) block.
+    EXPECT_LE(f.messages_sent, int64_t(P - 1) * (N == 1 ? 8 / P : 1));
     EXPECT_LE(h.messages_sent, int64_t(N - 1) + (L - 1));
     EXPECT_EQ(w.sum(f.internode_bytes_sent), w.sum(h.internode_bytes_sent));
     if (N == 1) {
