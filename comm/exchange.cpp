@@ -361,10 +361,12 @@ void Exchange::forward_start(Movement& m, const DispatchPlan& plan, ConstView sr
              what);
   m.plan = &plan;
   const std::string op = cat(name_, " exchange ", what);
-  // Blocking with contiguous output rows: every block lands in its expert-grouped place.
-  m.in_place = direct_self && out.ld == d && blocks_in_place();
-  if (m.in_place) {
-    post_blocks(m, plan, type, /*forward=*/true, send, out.data, op);
+  // Blocking on one node: one message per block (the choice is the same on every rank), each
+  // landing in its expert-grouped place when the output rows are contiguous.
+  if (direct_self && blocks_in_place()) {
+    m.in_place = out.ld == d;
+    post_blocks(m, plan, type, /*forward=*/true, send, m.in_place ? out.data : m.recv.data(),
+                m.in_place, op);
   } else {
     post(m, type, direct_self, op);
   }
@@ -390,11 +392,13 @@ bool Exchange::blocks_in_place() const {
 // Blocking, one message per non-empty (rank, local expert) block to or from another rank, so
 // that the expert-grouped side needs no packing or regrouping copy: forward sends send-buffer
 // rows (packed in send order) and receives straight into `grouped` [R, d]; backward sends
-// straight from `grouped` and receives into `packed` in send order. Both sides list a pair's
-// blocks in local expert order (send_blocks, recv_blocks), and messages between two ranks with
-// one tag arrive in order, so each receive gets its block.
+// straight from `grouped` and receives into `packed` in send order. With grouped_layout false,
+// `grouped` is a by-rank (raw) buffer instead, addressed by the blocks' raw rows. Both sides list a
+// pair's blocks in local expert order (send_blocks, recv_blocks), and messages between two ranks
+// with one tag arrive in order, so each receive gets its block.
 void Exchange::post_blocks(Movement& m, const DispatchPlan& plan, MPI_Datatype type, bool forward,
-                           float* packed, float* grouped, const std::string& op) {
+                           float* packed, float* grouped, bool grouped_layout,
+                           const std::string& op) {
   const int me = comm_.rank();
   const int64_t d = m.d;
   const int tag = forward ? kDispatchTag : kCombineTag;
@@ -403,7 +407,7 @@ void Exchange::post_blocks(Movement& m, const DispatchPlan& plan, MPI_Datatype t
   for (const RowBlock& b : plan.recv_blocks()) {  // the grouped side
     if (b.source == me) continue;
     req.emplace_back();
-    float* p = grouped + b.grouped * d;
+    float* p = grouped + (grouped_layout ? b.grouped : b.raw) * d;
     const int n = static_cast<int>(b.rows);
     if (forward) {
       MOE_MPI_CHECK(MPI_Irecv(p, n, type, b.source, tag, comm_.raw(), &req.back()), op);
@@ -491,8 +495,10 @@ void Exchange::backward_start(Movement& m, const DispatchPlan& plan, ConstView y
   float* send = m.send.data();
   float* recv = m.recv.data();
   const bool stream = streams(plan.n_recv() * d);
-  // Blocking with contiguous expert rows: blocks are sent straight from y, nothing is packed.
-  const bool in_place = direct_self && y.ld == d && blocks_in_place();
+  // Blocking on one node: one message per block (the choice is the same on every rank), sent
+  // straight from y when its rows are contiguous, so nothing is packed.
+  const bool per_block = direct_self && blocks_in_place();
+  const bool in_place = per_block && y.ld == d;
 #pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
   {
 #pragma omp for schedule(dynamic, 1) nowait
@@ -515,8 +521,9 @@ void Exchange::backward_start(Movement& m, const DispatchPlan& plan, ConstView y
              "combine");
   m.plan = &plan;
   const std::string op = cat(name_, " exchange combine");
-  if (in_place) {
-    post_blocks(m, plan, type, /*forward=*/false, recv, const_cast<float*>(y.data), op);
+  if (per_block) {
+    post_blocks(m, plan, type, /*forward=*/false, recv,
+                in_place ? const_cast<float*>(y.data) : send, in_place, op);
   } else {
     post(m, type, direct_self, op);
   }

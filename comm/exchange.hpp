@@ -199,7 +199,7 @@ class Exchange {
   // path keeps one message per rank. Collective on the first call (nodes()).
   bool blocks_in_place() const;
   void post_blocks(Movement& m, const DispatchPlan& plan, MPI_Datatype type, bool forward,
-                   float* packed, float* grouped, const std::string& op);
+                   float* packed, float* grouped, bool grouped_layout, const std::string& op);
   void forward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv);
   void backward_start(Movement& m, const DispatchPlan& plan, ConstView y, bool direct_self,
                       View out);

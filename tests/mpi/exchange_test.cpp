@@ -310,6 +310,37 @@ TEST(Exchange, NonBlockingEqualsBlockingBitwise) {
   }
 }
 
+TEST(Exchange, StridedViewsOnSomeRanksOnly) {
+  // Even ranks pass expert rows with a row stride above d, odd ranks contiguous ones: every
+  // rank must still take the same message protocol, and the results equal contiguous calls.
+  Communicator w = Communicator::world();
+  const int E = 4, k = 2;
+  const int64_t d = 9, ld = w.rank() % 2 == 0 ? d + 3 : d;
+  GlobalRouting g = random_routing(23, 120, k, E, 0.1);
+  ExpertPlacement p = ExpertPlacement::blocked(E, w.size());
+  auto range = share(g.n_tokens, w);
+  const int64_t T = range.second - range.first;
+  DispatchPlan plan = DispatchPlan::build(local_view(g, range), p, {}, w);
+  const int64_t R = plan.n_recv();
+  Tensor x = random_rows(31 + w.rank(), std::max<int64_t>(T, 1), d);
+  Tensor y = random_rows(32 + w.rank(), std::max<int64_t>(R, 1), d);
+  Tensor a1 = Tensor::zeros({std::max<int64_t>(R, 1), d});
+  Tensor a2 = Tensor::zeros({std::max<int64_t>(R, 1), ld});
+  Tensor ys = Tensor::zeros({std::max<int64_t>(R, 1), ld});
+  for (int64_t i = 0; i < R; ++i)
+    std::memcpy(ys.data() + i * ld, y.data() + i * d, sizeof(float) * d);
+  Tensor c1 = Tensor::zeros({std::max<int64_t>(T * k, 1), d});
+  Tensor c2 = Tensor::zeros({std::max<int64_t>(T * k, 1), d});
+  Exchange ex(w, "strided");
+  ex.dispatch(plan, ConstView(x.data(), T, d), rows_view(a1, R, d));
+  ex.dispatch(plan, ConstView(x.data(), T, d), View(a2.data(), R, d, ld));
+  for (int64_t i = 0; i < R; ++i)
+    EXPECT_EQ(std::memcmp(a1.data() + i * d, a2.data() + i * ld, sizeof(float) * d), 0) << i;
+  ex.combine(plan, ConstView(y.data(), R, d), rows_view(c1, T * k, d));
+  ex.combine(plan, ConstView(ys.data(), R, d, ld), rows_view(c2, T * k, d));
+  EXPECT_EQ(std::memcmp(c1.data(), c2.data(), sizeof(float) * T * k * d), 0);
+}
+
 TEST(Exchange, CapacityHandBuiltDrops) {
   Communicator w = Communicator::world();
   // E = 4 experts, 8 global tokens, k = 2, capacity factor 1: cap = ceil(1 * 2 * 8 / 4) = 4.
