@@ -1,11 +1,16 @@
 #include "comm/exchange.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <utility>
 
 #include "runtime/error.hpp"
+
+#if defined(__SSE2__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace moe::comm {
 
@@ -18,18 +23,75 @@ double wall_s() {
   return MPI_Wtime();
 }
 
-inline void copy_row(const float* src, float* dst, int64_t d) {
-  std::memcpy(dst, src, static_cast<size_t>(d) * sizeof(float));
+// Movements whose copies write at least this many bytes use non-temporal (streaming) stores:
+// the destination rows are not read into the cache first and do not evict the source. On this
+// project's machines ordinary stores into rows that are not cached ran 2-20x slower than
+// streaming ones (the write-allocate reads), while below a few MB, when the rows stay in cache
+// for the next step, ordinary stores are faster.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;
+
+inline bool streams(int64_t floats) {
+  return floats * int64_t(sizeof(float)) >= kStreamBytes;
+}
+
+// Streaming copy of n floats: non-temporal vector stores from the first aligned position, plain
+// copies of the unaligned head and the tail. Bitwise a copy. Callers make the rows visible with
+// store_fence() on the same thread before another thread or process may read them.
+void stream_copy(const float* src, float* dst, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__)
+  constexpr int64_t kLanes = 16;
+#else
+  constexpr int64_t kLanes = 8;
+#endif
+  constexpr uintptr_t kAlign = kLanes * sizeof(float);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(dst) % kAlign;
+  if (mis % sizeof(float) != 0) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  const int64_t head = std::min<int64_t>(n, mis ? int64_t((kAlign - mis) / sizeof(float)) : 0);
+  if (head > 0) std::memcpy(dst, src, static_cast<size_t>(head) * sizeof(float));
+  int64_t i = head;
+  for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+    _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#else
+    _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+  }
+  if (i < n) std::memcpy(dst + i, src + i, static_cast<size_t>(n - i) * sizeof(float));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+#endif
+}
+
+// Orders this thread's streaming stores before its later stores (flags, barriers, MPI calls).
+inline void store_fence(bool stream) {
+#if defined(__SSE2__)
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+inline void copy_row(const float* src, float* dst, int64_t d, bool stream = false) {
+  if (stream) {
+    stream_copy(src, dst, d);
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(d) * sizeof(float));
+  }
 }
 
 // rows [0, n) of src -> rows [0, n) of dst, as one block copy when both are contiguous.
-void copy_rows(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t n, int64_t d) {
+void copy_rows(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t n, int64_t d,
+               bool stream = false) {
   if (n <= 0) return;
   if (src_ld == d && dst_ld == d) {
-    std::memcpy(dst, src, static_cast<size_t>(n * d) * sizeof(float));
+    copy_row(src, dst, n * d, stream);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) copy_row(src + i * src_ld, dst + i * dst_ld, d);
+  for (int64_t i = 0; i < n; ++i) copy_row(src + i * src_ld, dst + i * dst_ld, d, stream);
 }
 
 // Shared-path row copies are split into this many contiguous chunks of send rows when they run
@@ -37,9 +99,11 @@ void copy_rows(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int
 constexpr int64_t kCopyChunks = 32;
 
 // Calls f(block, i) for every send row i in [0, n), where `blocks` cover [0, n) in order; over
-// OpenMP threads, in contiguous chunks of rows, when there are many floats to copy.
+// OpenMP threads, in contiguous chunks of rows, when there are many floats to copy. With
+// `stream`, every thread fences its streaming stores when done.
 template <typename F>
-void for_each_send_row(const std::vector<SendBlock>& blocks, int64_t n, int64_t d, const F& f) {
+void for_each_send_row(const std::vector<SendBlock>& blocks, int64_t n, int64_t d, bool stream,
+                       const F& f) {
   const int64_t chunks = n * d > kParallelCopyFloats ? kCopyChunks : 1;
 #pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
@@ -51,6 +115,7 @@ void for_each_send_row(const std::vector<SendBlock>& blocks, int64_t n, int64_t 
              1;
     for (; i < end; ++b)
       for (const int64_t stop = std::min(end, b->send + b->rows); i < stop; ++i) f(*b, i);
+    store_fence(stream);
   }
 }
 
@@ -270,10 +335,15 @@ void Exchange::forward_start(Movement& m, const DispatchPlan& plan, ConstView sr
   const int64_t n_send = plan.n_send();
   float* send = m.send.data();
   const int kk = by_slot ? 1 : k;  // src row of send row i: slot[i] / kk
-#pragma omp parallel for schedule(static) if (n_send * d > kParallelCopyFloats)
-  for (int64_t i = 0; i < n_send; ++i) {
-    if (i >= self_begin && i < self_end) continue;
-    copy_row(src.row(slot[i] / kk), send + i * d, d);
+  const bool stream = streams(n_send * d);
+#pragma omp parallel if (n_send * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n_send; ++i) {
+      if (i >= self_begin && i < self_end) continue;
+      copy_row(src.row(slot[i] / kk), send + i * d, d, stream);
+    }
+    store_fence(stream);
   }
   // This rank's own rows: straight to their grouped place, or to the raw receive buffer.
   const int64_t self_raw = plan.recv_displs()[me];
@@ -282,14 +352,24 @@ void Exchange::forward_start(Movement& m, const DispatchPlan& plan, ConstView sr
     const int64_t i0 = self_begin + (b.raw - self_raw);
     float* dst = direct_self ? out.row(b.grouped) : m.recv.data() + b.raw * d;
     const int64_t ld = direct_self ? out.ld : d;
-    for (int64_t i = 0; i < b.rows; ++i) copy_row(src.row(slot[i0 + i] / kk), dst + i * ld, d);
+    for (int64_t i = 0; i < b.rows; ++i)
+      copy_row(src.row(slot[i0 + i] / kk), dst + i * ld, d, stream);
   }
+  store_fence(stream);
 
   set_counts(m, plan.send_counts(), plan.send_displs(), plan.recv_counts(), plan.recv_displs(),
              what);
   m.plan = &plan;
   const std::string op = cat(name_, " exchange ", what);
-  post(m, type, direct_self, op);
+  // Blocking on one node: one message per block (the choice is the same on every rank), each
+  // landing in its expert-grouped place when the output rows are contiguous.
+  if (direct_self && blocks_in_place()) {
+    m.in_place = out.ld == d;
+    post_blocks(m, plan, type, /*forward=*/true, send, m.in_place ? out.data : m.recv.data(),
+                m.in_place, op);
+  } else {
+    post(m, type, direct_self, op);
+  }
 }
 
 // The one MPI call of a movement: blocking when the caller waits right away, else non-blocking.
@@ -305,6 +385,64 @@ void Exchange::post(Movement& m, MPI_Datatype type, bool blocking, const std::st
   }
 }
 
+bool Exchange::blocks_in_place() const {
+  return comm_.size() > 1 && nodes().n_nodes == 1;
+}
+
+// Blocking, one message per non-empty (rank, local expert) block to or from another rank, so
+// that the expert-grouped side needs no packing or regrouping copy: forward sends send-buffer
+// rows (packed in send order) and receives straight into `grouped` [R, d]; backward sends
+// straight from `grouped` and receives into `packed` in send order. With grouped_layout false,
+// `grouped` is a by-rank (raw) buffer instead, addressed by the blocks' raw rows. Both sides list a
+// pair's blocks in local expert order (send_blocks, recv_blocks), and messages between two ranks
+// with one tag arrive in order, so each receive gets its block.
+void Exchange::post_blocks(Movement& m, const DispatchPlan& plan, MPI_Datatype type, bool forward,
+                           float* packed, float* grouped, bool grouped_layout,
+                           const std::string& op) {
+  const int me = comm_.rank();
+  const int64_t d = m.d;
+  const int tag = forward ? kDispatchTag : kCombineTag;
+  std::vector<MPI_Request>& req = m.block_requests;
+  req.clear();
+  for (const RowBlock& b : plan.recv_blocks()) {  // the grouped side
+    if (b.source == me) continue;
+    req.emplace_back();
+    float* p = grouped + (grouped_layout ? b.grouped : b.raw) * d;
+    const int n = static_cast<int>(b.rows);
+    if (forward) {
+      MOE_MPI_CHECK(MPI_Irecv(p, n, type, b.source, tag, comm_.raw(), &req.back()), op);
+    } else {
+      MOE_MPI_CHECK(MPI_Isend(p, n, type, b.source, tag, comm_.raw(), &req.back()), op);
+    }
+  }
+  for (const SendBlock& b : plan.send_blocks()) {  // the packed (send order) side
+    if (b.dest == me) continue;
+    req.emplace_back();
+    float* p = packed + b.send * d;
+    const int n = static_cast<int>(b.rows);
+    if (forward) {
+      MOE_MPI_CHECK(MPI_Isend(p, n, type, b.dest, tag, comm_.raw(), &req.back()), op);
+    } else {
+      MOE_MPI_CHECK(MPI_Irecv(p, n, type, b.dest, tag, comm_.raw(), &req.back()), op);
+    }
+  }
+  // One message per block: recount the messages set_counts counted per rank.
+  const NodeLayout* layout = hier_ ? &nodes() : nullptr;
+  m.pending.messages_sent = m.pending.internode_messages_sent = 0;
+  auto sent_to = [&](int q) {
+    ++m.pending.messages_sent;
+    if (layout && layout->node[q] != layout->node[me]) ++m.pending.internode_messages_sent;
+  };
+  if (forward) {
+    for (const SendBlock& b : plan.send_blocks())
+      if (b.dest != me) sent_to(b.dest);
+  } else {
+    for (const RowBlock& b : plan.recv_blocks())
+      if (b.source != me) sent_to(b.source);
+  }
+  MOE_MPI_CHECK(MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE), op);
+}
+
 void Exchange::forward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv) {
   MOE_CHECK(m.plan == &plan, name_, " exchange: dispatch wait without a matching start");
   const int64_t d = m.d;
@@ -316,11 +454,17 @@ void Exchange::forward_finish(Movement& m, const DispatchPlan& plan, View out, b
   const std::vector<RowBlock>& blocks = plan.recv_blocks();
   const int64_t nb = static_cast<int64_t>(blocks.size());
   const float* recv = m.recv.data();
-#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
-  for (int64_t j = 0; j < nb; ++j) {
-    const RowBlock& b = blocks[j];
-    if (b.source == me && !self_in_recv) continue;
-    copy_rows(recv + b.raw * d, d, out.row(b.grouped), out.ld, b.rows, d);
+  const bool in_place = std::exchange(m.in_place, false);  // rows from peers already in `out`
+  const bool stream = streams(plan.n_recv() * d);
+#pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t j = 0; j < nb; ++j) {
+      const RowBlock& b = blocks[j];
+      if (b.source == me ? !self_in_recv : in_place) continue;
+      copy_rows(recv + b.raw * d, d, out.row(b.grouped), out.ld, b.rows, d, stream);
+    }
+    store_fence(stream);
   }
   stats_.bytes_sent += m.pending_bytes;
   add_traffic(stats_, m.pending);
@@ -350,24 +494,39 @@ void Exchange::backward_start(Movement& m, const DispatchPlan& plan, ConstView y
   const int64_t nb = static_cast<int64_t>(blocks.size());
   float* send = m.send.data();
   float* recv = m.recv.data();
-#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
-  for (int64_t j = 0; j < nb; ++j) {
-    const RowBlock& b = blocks[j];
-    if (b.source != me) {
-      copy_rows(y.row(b.grouped), y.ld, send + b.raw * d, d, b.rows, d);
-    } else {
-      const int64_t i0 = self_begin + (b.raw - self_raw);
-      for (int64_t i = 0; i < b.rows; ++i)
-        copy_row(y.row(b.grouped + i), direct_self ? out.row(slot[i0 + i]) : recv + (i0 + i) * d,
-                 d);
+  const bool stream = streams(plan.n_recv() * d);
+  // Blocking on one node: one message per block (the choice is the same on every rank), sent
+  // straight from y when its rows are contiguous, so nothing is packed.
+  const bool per_block = direct_self && blocks_in_place();
+  const bool in_place = per_block && y.ld == d;
+#pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t j = 0; j < nb; ++j) {
+      const RowBlock& b = blocks[j];
+      if (b.source != me) {
+        if (in_place) continue;
+        copy_rows(y.row(b.grouped), y.ld, send + b.raw * d, d, b.rows, d, stream);
+      } else {
+        const int64_t i0 = self_begin + (b.raw - self_raw);
+        for (int64_t i = 0; i < b.rows; ++i)
+          copy_row(y.row(b.grouped + i), direct_self ? out.row(slot[i0 + i]) : recv + (i0 + i) * d,
+                   d, stream);
+      }
     }
+    store_fence(stream);
   }
 
   set_counts(m, plan.recv_counts(), plan.recv_displs(), plan.send_counts(), plan.send_displs(),
              "combine");
   m.plan = &plan;
   const std::string op = cat(name_, " exchange combine");
-  post(m, type, direct_self, op);
+  if (per_block) {
+    post_blocks(m, plan, type, /*forward=*/false, recv,
+                in_place ? const_cast<float*>(y.data) : send, in_place, op);
+  } else {
+    post(m, type, direct_self, op);
+  }
 }
 
 void Exchange::backward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv) {
@@ -385,13 +544,15 @@ void Exchange::backward_finish(Movement& m, const DispatchPlan& plan, View out, 
   const int64_t n_send = plan.n_send();
   const float* recv = m.recv.data();
   const std::vector<uint8_t>& kept = plan.kept();
+  const bool stream = streams(S * d);
 #pragma omp parallel if (S * d > kParallelCopyFloats)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < n_send; ++i) {
       if (!self_in_recv && i >= self_begin && i < self_end) continue;
-      copy_row(recv + i * d, out.row(slot[i]), d);
+      copy_row(recv + i * d, out.row(slot[i]), d, stream);
     }
+    store_fence(stream);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < S; ++s)
       if (!kept[s]) std::memset(out.row(s), 0, static_cast<size_t>(d) * sizeof(float));
@@ -532,9 +693,11 @@ ConstView Exchange::shared_forward(const DispatchPlan& plan, ConstView src, bool
   const std::vector<int64_t>& slot = plan.send_slot();
   const std::vector<float*>& base = sh.in.base;
   const int kk = by_slot ? 1 : k;  // src row of send row i: slot[i] / kk
-  for_each_send_row(plan.send_blocks(), plan.n_send(), d, [&](const SendBlock& b, int64_t i) {
-    copy_row(src.row(slot[i] / kk), base[b.dest] + (b.dest_row + (i - b.send)) * d, d);
-  });
+  const bool stream = streams(plan.n_send() * d);
+  for_each_send_row(
+      plan.send_blocks(), plan.n_send(), d, stream, [&](const SendBlock& b, int64_t i) {
+        copy_row(src.row(slot[i] / kk), base[b.dest] + (b.dest_row + (i - b.send)) * d, d, stream);
+      });
   sh.sync(sh.in, op);  // the rows are visible to their owners
 
   const int64_t row_bytes = d * int64_t(sizeof(float));
@@ -590,9 +753,11 @@ void Exchange::combine_shared(const DispatchPlan& plan, View out) {
 
   const std::vector<int64_t>& slot = plan.send_slot();
   const std::vector<float*>& base = sh.out.base;
-  for_each_send_row(plan.send_blocks(), plan.n_send(), d, [&](const SendBlock& b, int64_t i) {
-    copy_row(base[b.dest] + (b.dest_row + (i - b.send)) * d, out.row(slot[i]), d);
-  });
+  const bool stream = streams(plan.n_send() * d);
+  for_each_send_row(
+      plan.send_blocks(), plan.n_send(), d, stream, [&](const SendBlock& b, int64_t i) {
+        copy_row(base[b.dest] + (b.dest_row + (i - b.send)) * d, out.row(slot[i]), d, stream);
+      });
   sh.combine_read_at = sh.barriers;
   const std::vector<uint8_t>& kept = plan.kept();
   if (plan.n_send() < S) {
@@ -716,17 +881,22 @@ struct Exchange::Hier {
     const int64_t nb = int64_t(L) * N;
     int64_t total = 0;
     for (int64_t b = 0; b < nb; ++b) total += from[b];
-#pragma omp parallel for schedule(dynamic, 1) if (total * d > kParallelCopyFloats)
-    for (int64_t j = 0; j < nb; ++j) {
-      const int l = static_cast<int>(j / N), m = static_cast<int>(j % N);
-      float* in = relay1.data() + relay_in[j] * d;
-      float* out = m == me_n ? far.data() + src_pos[rank_at[size_t(m) * L + l]] * d
-                             : relay2.data() + relay_out[j] * d;
-      if (to_cross) {
-        copy_rows(in, d, out, d, from[j], d);
-      } else {
-        copy_rows(out, d, in, d, from[j], d);
+    const bool stream = streams(total * d);
+#pragma omp parallel if (total * d > kParallelCopyFloats)
+    {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t j = 0; j < nb; ++j) {
+        const int l = static_cast<int>(j / N), m = static_cast<int>(j % N);
+        float* in = relay1.data() + relay_in[j] * d;
+        float* out = m == me_n ? far.data() + src_pos[rank_at[size_t(m) * L + l]] * d
+                               : relay2.data() + relay_out[j] * d;
+        if (to_cross) {
+          copy_rows(in, d, out, d, from[j], d, stream);
+        } else {
+          copy_rows(out, d, in, d, from[j], d, stream);
+        }
       }
+      store_fence(stream);
     }
   }
 
@@ -817,10 +987,15 @@ void Exchange::hier_forward(const DispatchPlan& plan, ConstView src, bool by_slo
   const std::vector<int64_t>& sd = plan.send_displs();
   const int64_t n_send = plan.n_send();
   const int kk = by_slot ? 1 : k;  // src row of send row i: slot[i] / kk
-#pragma omp parallel for schedule(static) if (n_send * d > kParallelCopyFloats)
-  for (int64_t i = 0; i < n_send; ++i) {
-    const int q = dest_of(sd, i);
-    copy_row(src.row(slot[i] / kk), h.edge_row(q, i, sd[q], d), d);
+  const bool stream = streams(n_send * d);
+#pragma omp parallel if (n_send * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n_send; ++i) {
+      const int q = dest_of(sd, i);
+      copy_row(src.row(slot[i] / kk), h.edge_row(q, i, sd[q], d), d, stream);
+    }
+    store_fence(stream);
   }
   MOE_MPI_CHECK(MPI_Alltoallv(h.edge.data(), h.c1e.data(), h.d1e.data(), type, h.relay1.data(),
                               h.c1r.data(), h.d1r.data(), type, h.node.raw()),
@@ -834,11 +1009,16 @@ void Exchange::hier_forward(const DispatchPlan& plan, ConstView src, bool by_slo
   const std::vector<int64_t>& rd = plan.recv_displs();
   const int64_t nb = static_cast<int64_t>(blocks.size());
   const float* far = h.far.data();
-#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
-  for (int64_t j = 0; j < nb; ++j) {
-    const RowBlock& b = blocks[j];
-    copy_rows(far + (h.src_pos[b.source] + b.raw - rd[b.source]) * d, d, out.row(b.grouped), out.ld,
-              b.rows, d);
+  const bool stream_in = streams(plan.n_recv() * d);
+#pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t j = 0; j < nb; ++j) {
+      const RowBlock& b = blocks[j];
+      copy_rows(far + (h.src_pos[b.source] + b.raw - rd[b.source]) * d, d, out.row(b.grouped),
+                out.ld, b.rows, d, stream_in);
+    }
+    store_fence(stream_in);
   }
 
   const int64_t row_bytes = d * int64_t(sizeof(float));
@@ -869,11 +1049,16 @@ void Exchange::hier_backward(const DispatchPlan& plan, ConstView y, View out) {
   const std::vector<int64_t>& rd = plan.recv_displs();
   const int64_t nb = static_cast<int64_t>(blocks.size());
   float* far = h.far.data();
-#pragma omp parallel for schedule(dynamic, 1) if (plan.n_recv() * d > kParallelCopyFloats)
-  for (int64_t j = 0; j < nb; ++j) {
-    const RowBlock& b = blocks[j];
-    copy_rows(y.row(b.grouped), y.ld, far + (h.src_pos[b.source] + b.raw - rd[b.source]) * d, d,
-              b.rows, d);
+  const bool stream_far = streams(plan.n_recv() * d);
+#pragma omp parallel if (plan.n_recv() * d > kParallelCopyFloats)
+  {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t j = 0; j < nb; ++j) {
+      const RowBlock& b = blocks[j];
+      copy_rows(y.row(b.grouped), y.ld, far + (h.src_pos[b.source] + b.raw - rd[b.source]) * d, d,
+                b.rows, d, stream_far);
+    }
+    store_fence(stream_far);
   }
   MOE_MPI_CHECK(MPI_Alltoallv(far, h.c2f.data(), h.d2f.data(), type, h.relay2.data(), h.c2r.data(),
                               h.d2r.data(), type, h.cross.raw()),
@@ -887,13 +1072,15 @@ void Exchange::hier_backward(const DispatchPlan& plan, ConstView y, View out) {
   const std::vector<int64_t>& sd = plan.send_displs();
   const std::vector<uint8_t>& kept = plan.kept();
   const int64_t n_send = plan.n_send();
+  const bool stream = streams(S * d);
 #pragma omp parallel if (S * d > kParallelCopyFloats)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < n_send; ++i) {
       const int q = dest_of(sd, i);
-      copy_row(h.edge_row(q, i, sd[q], d), out.row(slot[i]), d);
+      copy_row(h.edge_row(q, i, sd[q], d), out.row(slot[i]), d, stream);
     }
+    store_fence(stream);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < S; ++s)
       if (!kept[s]) std::memset(out.row(s), 0, static_cast<size_t>(d) * sizeof(float));

@@ -19,6 +19,14 @@
 // d contiguous floats), so rows * d may exceed INT_MAX; more than INT_MAX rows to or from one
 // rank is rejected with an Error(kComm) naming the exchange, never truncated.
 //
+// Copies. On one node (by the node layout, nodes()) the blocking flat calls send one message per
+// non-empty (rank, local expert) block, received straight into (dispatch, dispatch_slots) or
+// sent straight from (combine) the expert-grouped rows, which saves the regrouping copy of an
+// MPI_Alltoallv into a by-rank buffer; across nodes they keep one MPI_Alltoallv (one message per
+// rank). Row copies of a call that writes 4 MB or more use non-temporal (streaming) stores:
+// rows that large are not read back from cache, and ordinary stores would first read every
+// destination line into it.
+//
 // Node-local single-copy path. When every rank of the communicator is on one node, the
 // *_shared calls move rows through MPI-3 shared-memory windows instead of MPI_Alltoallv: each
 // rank owns an input window [R, d] (expert-grouped rows it receives) and an output window
@@ -177,10 +185,21 @@ class Exchange {
     int64_t d = 0;
     int64_t pending_bytes = 0;
     ExchangeStats pending;  // message / internode counts of the movement in flight
+    bool in_place = false;  // blocking forward: peers' rows were received in grouped places
+    std::vector<MPI_Request> block_requests;  // post_blocks
   };
+  // Point-to-point tags of the blocking per-block movements (post_blocks).
+  static constexpr int kDispatchTag = 0x4d6f;
+  static constexpr int kCombineTag = 0x4d70;
   void forward_start(Movement& m, const DispatchPlan& plan, ConstView src, bool by_slot,
                      bool direct_self, View out);
   void post(Movement& m, MPI_Datatype type, bool blocking, const std::string& op);
+  // Whether blocking flat movements send one message per (rank, local expert) block (post_blocks):
+  // on one node, where a message costs little and the saved copy matters. Across nodes the flat
+  // path keeps one message per rank. Collective on the first call (nodes()).
+  bool blocks_in_place() const;
+  void post_blocks(Movement& m, const DispatchPlan& plan, MPI_Datatype type, bool forward,
+                   float* packed, float* grouped, bool grouped_layout, const std::string& op);
   void forward_finish(Movement& m, const DispatchPlan& plan, View out, bool self_in_recv);
   void backward_start(Movement& m, const DispatchPlan& plan, ConstView y, bool direct_self,
                       View out);
