@@ -9,8 +9,8 @@
 #             method (merge, merge-noalign, frequency): moe-prune profiles 8192 tokens of the
 #             task's train split and reports the task loss on 8192 tokens of its val split, and
 #             the All2All per decode step (8 sequences on rank 0) for 8, 4, 2 and 1 ranks
-#   fine-tune merge only: FT_STEPS (default 40; 0 skips) more steps on the task's train split
-#             (moe-train --resume, constant lr 3e-4), then the same val loss
+#   fine-tune merge and frequency: FT_STEPS (default 40; 0 skips) more steps on the task's train
+#             split (moe-train --resume, constant lr 3e-4), then the same val loss
 #   scratch   the same model with 16, 8, 4, 2 experts trained from scratch on the pretraining
 #             file for STEPS + FT_STEPS steps (as many as the fine-tuned pruned models in all)
 #   serving   moe-bench decode --checkpoint (batch 8, greedy) on the pretrained and the merged
@@ -42,9 +42,11 @@ done
   "$out/data/fortunes_pre.txt" --output "$out/data/pretrain.h5" >/dev/null
 phase "data ready"
 
+# Each step is skipped when its log shows it finished, so a re-run only does what is missing.
 train() {  # train NAME ARGS...: moe-train on 2 ranks into $out/NAME
   local name=$1
   shift
+  grep -qs '"summary":true' "$out/$name.jsonl" && return 0
   mpirun -np 2 "$bin/moe-train" --config examples/configs/prune-study.yaml \
     --set run.dir="$out/$name" --set checkpoint.dir="$out/$name/ck" \
     --set data.path="$out/data/pretrain.h5" --metrics "$out/$name.jsonl" "$@" >"$out/$name.log" 2>&1 ||
@@ -54,6 +56,7 @@ train pre32 --set train.steps="$steps"
 phase "pretrained 32 experts ($steps steps)"
 
 prune() {  # prune NAME CHECKPOINT TASK TARGET METHOD
+  grep -qs "^wrote " "$out/$1.log" && return 0
   mpirun -np 2 "$bin/moe-prune" --checkpoint "$2" --task-data "$out/data/$3.h5" \
     --target-experts "$4" --method "$5" --tokens 8192 --decode-tokens 8 --traffic-ranks 8 \
     --eval --eval-split val --output "$out/$1" >"$out/$1.log" 2>&1 ||
@@ -71,15 +74,22 @@ phase "pruned (2 tasks x 4 factors x 3 methods)"
 
 if [ "$ft" -gt 0 ]; then
   for task in kjv fortunes; do
+    # the unpruned model fine-tuned alike: the reference for the fine-tuned columns
+    train "ft-$task-32" --resume "$out/pre32/ck" --set data.path="$out/data/$task.h5" \
+      --set train.steps=$((steps + ft)) --set train.lr=3e-4 --set train.min_lr=3e-4 \
+      --set train.warmup_steps=0
+    prune "e-ft-$task-32" "$out/ft-$task-32/ck" "$task" 32 frequency
     for e in 16 8 4 2; do
-      name=ft-$task-$e
-      train "$name" --resume "$out/p-$task-merge-$e" --set model.moe.num_experts="$e" \
-        --set data.path="$out/data/$task.h5" --set train.steps=$((steps + ft)) \
-        --set train.lr=3e-4 --set train.min_lr=3e-4 --set train.warmup_steps=0
-      prune "e-$name" "$out/$name/ck" "$task" "$e" frequency  # E' = E: the model as it is
+      for method in merge frequency; do
+        name=ft-$task-$e$([ $method = merge ] || echo "-$method")
+        train "$name" --resume "$out/p-$task-$method-$e" --set model.moe.num_experts="$e" \
+          --set data.path="$out/data/$task.h5" --set train.steps=$((steps + ft)) \
+          --set train.lr=3e-4 --set train.min_lr=3e-4 --set train.warmup_steps=0
+        prune "e-$name" "$out/$name/ck" "$task" "$e" frequency  # E' = E: the model as it is
+      done
     done
   done
-  phase "fine-tuned the merged models ($ft steps)"
+  phase "fine-tuned the merged and the frequency-pruned models ($ft steps)"
 fi
 
 for e in 16 8 4 2; do
@@ -91,6 +101,7 @@ done
 phase "trained from scratch (16, 8, 4, 2 experts, $((steps + ft)) steps)"
 
 bench() {  # bench NAME CHECKPOINT RANKS
+  grep -qs '"bench":"decode"' "$out/$1.log" && return 0
   mpirun -np "$3" "$bin/moe-bench" decode --checkpoint "$2" --batch 8 --samples 3 \
     --new-tokens 32 --json >"$out/$1.log" 2>&1 || { tail -n 20 "$out/$1.log"; exit 1; }
 }
@@ -122,25 +133,35 @@ def tps(name):
 TOL = 0.05  # quality holds while the val loss is within 5% of the unpruned model's
 for task in ["kjv", "fortunes"]:
     base = loss(f"p-{task}-none-32", "before")
-    print(f"\n**Task {task}** (val loss in nats per byte; unpruned 32 experts: {base:.4f})\n")
-    cols = ["factor", "experts"] + methods + (["merge + fine-tune"] if ft else []) + ["from scratch"]
+    base_ft = loss(f"e-ft-{task}-32", "before") if ft else None
+    note = f"; fine-tuned alike: {base_ft:.4f}" if ft else ""
+    print(f"\n**Task {task}** (val loss in nats per byte; unpruned 32 experts: {base:.4f}{note})\n")
+    cols = ["factor", "experts"] + methods
+    cols += ["merge + fine-tune", "frequency + fine-tune"] if ft else []
+    cols += ["from scratch"]
     print("| " + " | ".join(cols) + " |")
     print("|---" * len(cols) + "|")
     for fac, e in factors:
         row = [f"{fac}", f"{e}"] + [f"{loss(f'p-{task}-{m}-{e}'):.4f}" for m in methods]
         if ft:
             row.append(f"{loss(f'e-ft-{task}-{e}', 'before'):.4f}")
+            row.append(f"{loss(f'e-ft-{task}-{e}-frequency', 'before'):.4f}")
         row.append(f"{loss(f'e-scratch{e}-{task}', 'before'):.4f}")
         print("| " + " | ".join(row) + " |")
-    th = []
-    for m in methods:
+    def threshold(name, ref):  # name(e) -> run; the largest factor within TOL of ref
         ok = None
         for fac, e in factors:
-            if loss(f"p-{task}-{m}-{e}") > base * (1 + TOL):
+            if loss(*name(e)) > ref * (1 + TOL):
                 break
             ok = fac
-        th.append(f"{m} {ok}" if ok else f"{m} none (already at factor 2)")
+        return ok if ok else "none (already at factor 2)"
+    th = [f"{m} {threshold(lambda e: (f'p-{task}-{m}-{e}',), base)}" for m in methods]
     print(f"\nthreshold factor (largest with val loss within {TOL:.0%} of unpruned): " + ", ".join(th))
+    if ft:
+        th = [f"{m} + fine-tune {threshold(lambda e: (f'e-ft-{task}-{e}{sfx}', 'before'), base_ft)}"
+              for m, sfx in [("merge", ""), ("frequency", "-frequency")]]
+        print(f"after fine-tuning (within {TOL:.0%} of the unpruned model fine-tuned alike): "
+              + ", ".join(th))
 print("\n**All2All per decode step and decode throughput** (task kjv, merge; 8 sequences on rank 0; "
       "2 MoE layers; remote bytes expected from the task's routing)\n")
 print("| experts | messages, 8 ranks | remote KB, 8 ranks | messages, 2 ranks | remote KB, 2 ranks "
