@@ -411,6 +411,12 @@ bool same_path(const std::string& a, const std::string& b) {
   return !ec1 && !ec2 && pa == pb;
 }
 
+// Whether moe-prune prunes MoE block l: every MoE block, or those listed in --layers.
+bool pruned(const PruneOptions& o, const ModelConfig& mc, int l) {
+  return mc.is_moe(l) &&
+         (o.layers.empty() || std::find(o.layers.begin(), o.layers.end(), l) != o.layers.end());
+}
+
 std::string router_name(int layer) {
   return cat("blocks.", layer, ".moe.router.w");
 }
@@ -431,17 +437,18 @@ TaskPass run_task(Transformer& model, const TokenDataset& data, int64_t n_window
                   const comm::Communicator& comm) {
   const ModelConfig& mc = model.config();
   const int64_t S = data.seq_len(), P = comm.size(), r = comm.rank();
-  const int E = mc.moe.n_experts;
   const int64_t T = n_windows * S;
   std::vector<int> moe_blocks;
   for (int l = 0; l < mc.n_layers; ++l)
     if (mc.is_moe(l)) moe_blocks.push_back(l);
   TaskPass out;
   out.tokens = T;
-  out.frequency.assign(moe_blocks.size(), std::vector<int64_t>(static_cast<size_t>(E), 0));
   std::vector<std::vector<float>> logits(moe_blocks.size());  // [T, E] this rank's rows
-  if (want_profiles)
-    for (auto& v : logits) v.assign(static_cast<size_t>(T * E), 0.0f);
+  for (size_t i = 0; i < moe_blocks.size(); ++i) {
+    const int E = mc.experts(moe_blocks[i]);
+    out.frequency.emplace_back(static_cast<size_t>(E), 0);
+    if (want_profiles) logits[i].assign(static_cast<size_t>(T * E), 0.0f);
+  }
   std::vector<int32_t> windows;
   const int64_t per_batch = P * micro_batch;
   for (int64_t lo = 0; lo < n_windows; lo += per_batch) {
@@ -454,6 +461,7 @@ TaskPass run_task(Transformer& model, const TokenDataset& data, int64_t n_window
         static_cast<double>(T));
     for (size_t i = 0; i < moe_blocks.size(); ++i) {
       MoeLayer& m = *model.moe_layer(moe_blocks[i]);
+      const int E = mc.experts(moe_blocks[i]);
       const auto& slots = m.route().expert_slots;  // global
       for (int e = 0; e < E; ++e)
         out.frequency[i][static_cast<size_t>(e)] += slots[static_cast<size_t>(e)];
@@ -468,6 +476,7 @@ TaskPass run_task(Transformer& model, const TokenDataset& data, int64_t n_window
   out.loss = comm.sum(out.loss, "prune: task loss");
   if (want_profiles)
     for (size_t i = 0; i < moe_blocks.size(); ++i) {
+      const int E = mc.experts(moe_blocks[i]);
       comm.allreduce_sum(logits[i].data(), T * E, "prune: router profiles");
       std::vector<float> prof(static_cast<size_t>(E * T));
       for (int64_t t = 0; t < T; ++t)
@@ -540,10 +549,21 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
       throw Error(ErrorKind::kConfig,
                   cat("checkpoint ", o.checkpoint, " is a dense model (model.moe.every_n_layers = ",
                       mc.moe_every_n, "): it has no experts to prune"));
-    const int E = mc.moe.n_experts;
-    if (o.target > E)
-      throw Error(ErrorKind::kConfig, cat("--target-experts ", o.target, " is larger than the ", E,
-                                          " experts per MoE layer of ", o.checkpoint));
+    std::string moe_list;
+    for (int l = 0; l < mc.n_layers; ++l)
+      if (mc.is_moe(l)) moe_list += cat(moe_list.empty() ? "" : ",", l);
+    for (int l : o.layers)
+      if (l < 0 || l >= mc.n_layers || !mc.is_moe(l))
+        throw Error(ErrorKind::kConfig,
+                    cat("--layers ", l, ": block ", l, " is not an MoE block of ", o.checkpoint,
+                        " (its MoE blocks: ", moe_list, ")"));
+    for (int l = 0; l < mc.n_layers; ++l)
+      if (pruned(o, mc, l) && o.target > mc.experts(l))
+        throw Error(
+            ErrorKind::kConfig,
+            cat("--target-experts ", o.target, " is larger than the ", mc.experts(l), " experts",
+                mc.layer_experts.empty() ? " per MoE layer" : cat(" of block ", l), " of ",
+                o.checkpoint));
     if (o.target < std::max(1, mc.moe.top_k))
       throw Error(ErrorKind::kConfig, cat("--target-experts ", o.target,
                                           " is smaller than model.moe.top_k = ", mc.moe.top_k,
@@ -576,7 +596,6 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
   }
   comm.agree(error, kind, "prune: check input");
 
-  const int E = mc.moe.n_experts, E2 = o.target;
   const int64_t S = config.get_int("train.seq_len");
   const int64_t n_windows = std::max<int64_t>(1, (o.tokens + S - 1) / S);
   const std::unique_ptr<TokenDataset> data = open_task(o, S, mc.vocab_size, comm);
@@ -600,9 +619,15 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
     report.task_loss = pass.loss;
     report.frequency = pass.frequency;
     // -- 2. plans (every rank computes the same from the same gathered profiles)
-    for (size_t i = 0; i < moe_blocks.size(); ++i)
-      report.plans.push_back(plan_layer(moe_blocks[i], pass.profiles[i], E, pass.tokens,
-                                        pass.frequency[i], E2, o.method, o.seed));
+    // (a block that is not pruned keeps every expert: the identity plan)
+    for (size_t i = 0; i < moe_blocks.size(); ++i) {
+      const int l = moe_blocks[i], E = mc.experts(l);
+      report.plans.push_back(pruned(o, mc, l)
+                                 ? plan_layer(l, pass.profiles[i], E, pass.tokens,
+                                              pass.frequency[i], o.target, o.method, o.seed)
+                                 : plan_layer(l, {}, E, pass.tokens, pass.frequency[i], E,
+                                              PruneMethod::kFrequency, o.seed));
+    }
   }
 
   // -- 3. every tensor: dense on every rank, every expert on rank 0
@@ -620,7 +645,7 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
   std::vector<checkpoint::ExpertEntry> experts_in;
   if (root)
     for (size_t i = 0; i < moe_blocks.size(); ++i)
-      for (int e = 0; e < E; ++e) {
+      for (int e = 0; e < mc.experts(moe_blocks[i]); ++e) {
         old_w1[i].push_back(std::make_unique<Owned>(d, f1, has_optim));
         old_w2[i].push_back(std::make_unique<Owned>(f, d, has_optim));
         experts_in.push_back(
@@ -632,9 +657,10 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
   std::vector<std::unique_ptr<Owned>> routers;
   std::vector<checkpoint::TensorEntry> dense_out;
   for (size_t i = 0; i < dense.size(); ++i) {
-    const auto it = std::find_if(moe_blocks.begin(), moe_blocks.end(),
-                                 [&](int l) { return router_name(l) == dense_names[i]; });
-    if (it == moe_blocks.end()) {
+    const auto it = std::find_if(moe_blocks.begin(), moe_blocks.end(), [&](int l) {
+      return pruned(o, mc, l) && router_name(l) == dense_names[i];
+    });
+    if (it == moe_blocks.end()) {  // as it was (also the routers of blocks not pruned)
       dense_out.push_back(dense[i]->entry(dense_names[i]));
       if (!has_optim) {  // a checkpoint without optimiser state gets a fresh one
         auto& t = *dense[i];
@@ -645,7 +671,7 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
       continue;
     }
     const LayerPlan& plan = report.plans[static_cast<size_t>(it - moe_blocks.begin())];
-    routers.push_back(std::make_unique<Owned>(d, E2, true));
+    routers.push_back(std::make_unique<Owned>(d, o.target, true));
     merge_router(dense[i]->value.view(), plan, routers.back()->value.view());
     dense_out.push_back(routers.back()->entry(dense_names[i]));
   }
@@ -653,7 +679,7 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
   std::vector<checkpoint::ExpertEntry> experts_out;
   if (root)
     for (size_t i = 0; i < moe_blocks.size(); ++i)
-      for (int g = 0; g < E2; ++g) {
+      for (int g = 0; g < static_cast<int>(report.plans[i].groups.size()); ++g) {
         const MergeGroup& mg = report.plans[i].groups[static_cast<size_t>(g)];
         if (mg.members.size() == 1) {  // unchanged: value and optimiser state carried over
           const int e = mg.members[0];
@@ -683,9 +709,19 @@ PruneReport prune_checkpoint(const PruneOptions& o, const comm::Communicator& co
           t.adam_v = new_w.back()->v.view();
         }
 
-  // -- 5. write: the stored config with the new expert count, the same step
+  // -- 5. write: the stored config with the new expert counts, the same step: one count for
+  // every MoE layer in model.moe.num_experts, different counts in model.moe.layer_experts
+  // (num_experts then the largest)
   Config out_config = config;
-  out_config.set(cat("model.moe.num_experts=", E2), "moe-prune");
+  std::vector<int> counts;
+  for (const LayerPlan& plan : report.plans) counts.push_back(static_cast<int>(plan.groups.size()));
+  const bool uniform =
+      std::all_of(counts.begin(), counts.end(), [&](int c) { return c == counts[0]; });
+  std::string list;
+  for (int c : counts) list += cat(list.empty() ? "" : ",", c);
+  out_config.set(cat("model.moe.num_experts=", *std::max_element(counts.begin(), counts.end())),
+                 "moe-prune");
+  out_config.set(cat("model.moe.layer_experts=", uniform ? "" : list), "moe-prune");
   meta.config = out_config.to_yaml();
   report.written = checkpoint::save(o.output, dense_out, experts_out, meta, comm);
   return report;

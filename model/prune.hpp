@@ -111,8 +111,9 @@ struct PruneOptions {
   std::string checkpoint;  // input: checkpoint root or step directory
   std::string task_data;   // HDF5 token file (moe-data)
   std::string split = "train";
-  std::string output;  // checkpoint root to write
-  int target = 0;      // E'
+  std::string output;       // checkpoint root to write
+  int target = 0;           // E'
+  std::vector<int> layers;  // blocks to prune (MoE blocks); empty: every MoE block
   PruneMethod method = PruneMethod::kMerge;
   uint64_t seed = 0;
   int64_t tokens = 4096;      // task tokens to profile (rounded up to whole windows)
@@ -120,25 +121,29 @@ struct PruneOptions {
 };
 
 struct PruneReport {
-  std::vector<LayerPlan> plans;
-  std::vector<std::vector<int64_t>> frequency;  // [MoE layers][E]
+  std::vector<LayerPlan> plans;                 // [MoE layers]: groups.size() = new count
+  std::vector<std::vector<int64_t>> frequency;  // [MoE layers][E of the layer]
   int64_t tokens = 0;                           // task tokens profiled
   double task_loss = 0;                         // mean cross-entropy of the model on them
   std::string written;                          // the step directory written
 };
 
 // Loads the checkpoint, runs the task tokens through it (expert parallel, any P), plans every
-// MoE layer, merges on rank 0 and writes a checkpoint with E' experts per MoE layer
-// (model.moe.num_experts updated, step kept). Optimiser state: tensors whose values did not
+// MoE layer (options.layers: only those blocks; the others keep all their experts, routers and
+// optimiser state: an identity plan in the report), merges on rank 0 and writes a checkpoint
+// with E' experts per pruned MoE layer (step kept; model.moe.num_experts = E' when every MoE
+// layer ends with E' experts, else model.moe.layer_experts lists the counts per MoE block and
+// num_experts is the largest). Optimiser state: tensors whose values did not
 // change keep theirs (dense tensors, experts kept unchanged); pruned routers and merged experts
 // start afresh (m = v = 0, step 0). Collective; every rank throws the same Error on bad input:
-// a dense checkpoint, a target outside [max(top_k, 1), E], task data with another vocabulary,
-// an output that is the input. Rank 0 holds every expert of the model while merging.
+// a dense checkpoint, a target outside [max(top_k, 1), E] of a pruned block, a listed block
+// that is not an MoE block, task data with another vocabulary, an output that is the input. Rank 0
+// holds every expert of the model while merging.
 PruneReport prune_checkpoint(const PruneOptions& options, const comm::Communicator& comm);
 
 // Mean cross-entropy of a checkpoint on the same task windows prune_checkpoint profiles
-// (options.task_data, split, tokens, seed). Collective; the checkpoint's experts must cover the
-// ranks (E >= P).
+// (options.task_data, split, tokens, seed). Collective; the experts of every MoE layer must
+// cover the ranks (E >= P).
 double task_loss(const std::string& checkpoint, const PruneOptions& options,
                  const comm::Communicator& comm);
 

@@ -313,8 +313,11 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   const double tokens_per_step = normaliser;
 
   log::info0("model: ", mc->n_layers, " blocks (", mc->n_moe_layers(), " MoE), d_model ",
-             mc->d_model, ", vocab ", mc->vocab_size, ", ", mc->moe.n_experts, " experts top-",
-             mc->moe.top_k, " router ", router_kind_name(mc->moe.router), "; ",
+             mc->d_model, ", vocab ", mc->vocab_size, ", ",
+             mc->layer_experts.empty()
+                 ? cat(mc->moe.n_experts)
+                 : cat("(", config.get_string("model.moe.layer_experts"), ")"),
+             " experts top-", mc->moe.top_k, " router ", router_kind_name(mc->moe.router), "; ",
              mc->active_params() / 1e6, "M active parameters; batch ", shape.global_batch, " x ", T,
              " tokens = ", P, " ranks x ", m, " x ", shape.accumulation, " accumulation; steps ",
              start_step, " -> ", end_step, " of ", total_steps, "; peak ", job_peak, " GFLOP/s");

@@ -1,6 +1,7 @@
 #include "model/transformer.hpp"
 
 #include <algorithm>
+#include <sstream>
 
 #include "runtime/error.hpp"
 
@@ -27,6 +28,8 @@ View rows(Tensor& t, int64_t n, int64_t d) {
   if (t.numel() < n * d) t.resize({std::max<int64_t>(n * d, 1)});
   return View(t.data(), n, d);
 }
+
+std::vector<int> parse_layer_experts(const Config& c, const ModelConfig& m);
 
 }  // namespace
 
@@ -74,7 +77,65 @@ ModelConfig ModelConfig::from(const Config& c, int64_t data_vocab) {
   if (m.n_moe_layers() > 0 && m.moe.top_k > m.moe.n_experts)
     throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", m.moe.top_k, " exceeds ",
                                         "model.moe.num_experts = ", m.moe.n_experts));
+  m.layer_experts = parse_layer_experts(c, m);
   return m;
+}
+
+namespace {
+
+// model.moe.layer_experts as [n_layers] counts (0 for blocks without MoE), or empty.
+std::vector<int> parse_layer_experts(const Config& c, const ModelConfig& m) {
+  const std::string text = c.get_string("model.moe.layer_experts");
+  if (text.find_first_not_of(" \t") == std::string::npos) return {};
+  auto bad = [&](const std::string& why) {
+    return Error(ErrorKind::kConfig, cat("model.moe.layer_experts = '", text, "': ", why));
+  };
+  std::vector<int> counts;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t used = 0;
+    int n = 0;
+    try {
+      n = std::stoi(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || item.find_first_not_of(" \t", used) != std::string::npos)
+      throw bad(cat("'", item, "' is not an integer (expected comma-separated expert counts)"));
+    if (n < std::max(1, m.moe.top_k) || n > (1 << 20))
+      throw bad(cat(n, " experts is outside [model.moe.top_k = ", m.moe.top_k, ", ", 1 << 20, "]"));
+    counts.push_back(n);
+  }
+  if (static_cast<int>(counts.size()) != m.n_moe_layers())
+    throw bad(cat(counts.size(), " count(s) for the model's ", m.n_moe_layers(),
+                  " MoE block(s) (one per MoE block, in block order)"));
+  if (m.umoe_attention || m.moe.router == RouterKind::kSingleGate)
+    throw bad(cat("per-layer expert counts need model.attention = mha and a router other than ",
+                  "single_gate (those share one expert count)"));
+  std::vector<int> out(static_cast<size_t>(m.n_layers), 0);
+  size_t i = 0;
+  for (int l = 0; l < m.n_layers; ++l)
+    if (m.is_moe(l)) out[static_cast<size_t>(l)] = counts[i++];
+  return out;
+}
+
+}  // namespace
+
+int ModelConfig::min_experts() const {
+  int e = moe.n_experts;
+  bool any = false;
+  for (int l = 0; l < n_layers; ++l)
+    if (is_moe(l)) {
+      e = any ? std::min(e, experts(l)) : experts(l);
+      any = true;
+    }
+  return e;
+}
+
+MoeConfig ModelConfig::moe_for(int layer) const {
+  MoeConfig c = moe;
+  c.n_experts = experts(layer);
+  return c;
 }
 
 int ModelConfig::n_moe_layers() const {
@@ -103,7 +164,7 @@ double ModelConfig::active_params() const {
                          ? moe.capacity_factor
                          : moe.top_k;
     if (is_moe(l))
-      n += d * moe.n_experts + (k + moe.shared_experts) * moe_mats * d * double(moe.d_ff);
+      n += d * experts(l) + (k + moe.shared_experts) * moe_mats * d * double(moe.d_ff);
     else if (is_peer(l))  // query networks, then one u and one v row per retrieved expert
       n += d * static_cast<double>(peer.heads * peer.d_key) +
            2.0 * d * static_cast<double>(peer.heads * peer.top_k);
@@ -132,7 +193,7 @@ struct Transformer::Block {
 Transformer::Transformer(const ModelConfig& config, const comm::Communicator& comm, uint64_t seed)
     : config_(config), comm_(comm) {
   const int64_t d = config.d_model;
-  if (config.n_moe_layers() > 0 || config.umoe_attention)
+  if (config.umoe_attention || (config.n_moe_layers() > 0 && config.layer_experts.empty()))
     placement_ = comm::ExpertPlacement::blocked(config.moe.n_experts, comm.size());
   embed_ = std::make_unique<Embedding>("embed", config.vocab_size, d, seed);
   AttentionConfig ac;
@@ -151,8 +212,12 @@ Transformer::Transformer(const ModelConfig& config, const comm::Communicator& co
     if (config.is_moe(l) && config.share_attention_ffn)
       b->moe = std::make_unique<MoeLayer>(p + "moe", d, config.moe, placement_, comm, seed,
                                           b->umoe->experts());
-    else if (config.is_moe(l))
+    else if (config.is_moe(l) && config.layer_experts.empty())
       b->moe = std::make_unique<MoeLayer>(p + "moe", d, config.moe, placement_, comm, seed);
+    else if (config.is_moe(l))  // model.moe.layer_experts: this block's own count and placement
+      b->moe = std::make_unique<MoeLayer>(
+          p + "moe", d, config.moe_for(l),
+          comm::ExpertPlacement::blocked(config.experts(l), comm.size()), comm, seed);
     else if (config.is_peer(l))
       b->peer = std::make_unique<PeerLayer>(p + "peer", d, config.peer, comm, seed);
     else

@@ -51,6 +51,9 @@ struct ModelConfig {
   double rope_base = 10000.0;
   int moe_every_n = 1;  // 0: dense model (also when model.moe.kind is peer)
   MoeConfig moe;
+  // model.moe.layer_experts: [n_layers] experts of each MoE block (0 elsewhere); empty (the
+  // default, and configs built in code): every MoE block has moe.n_experts. Read experts(l).
+  std::vector<int> layer_experts;
   int peer_layer = -1;  // model.moe.kind peer: the block whose FFN is PEER (resolved), else -1
   PeerConfig peer;
   // model.attention = umoe: every block's attention is a UmoeAttention over experts of
@@ -65,6 +68,15 @@ struct ModelConfig {
   bool is_moe(int layer) const { return moe_every_n > 0 && (layer + 1) % moe_every_n == 0; }
   bool is_peer(int layer) const { return layer == peer_layer; }
   int n_moe_layers() const;
+  // Experts of MoE block `layer` (moe.n_experts unless model.moe.layer_experts sets them).
+  int experts(int layer) const {
+    return layer_experts.empty() ? moe.n_experts : layer_experts[static_cast<size_t>(layer)];
+  }
+  // The fewest experts of any MoE block (moe.n_experts when there is none): the most ranks
+  // expert parallelism can use.
+  int min_experts() const;
+  // moe with n_experts = experts(layer): the configuration of MoE block `layer`.
+  MoeConfig moe_for(int layer) const;
   // Parameters per token that a forward touches (top_k of the E experts), excluding the
   // embedding table (the reference's N_active): 6 N_active + 12 L T d FLOPs per token.
   double active_params() const;
@@ -151,6 +163,9 @@ class Transformer {
   ModelStats stats() const;
   ActivationBytes activation_bytes() const;
   const ModelConfig& config() const { return config_; }
+  // The blocked placement of model.moe.num_experts experts (UMoE attention, and MoE blocks
+  // unless model.moe.layer_experts gives each block its own count and
+  // blocked placement).
   const comm::ExpertPlacement& placement() const { return placement_; }
   // The MoE layer of block l, or nullptr for a dense block.
   MoeLayer* moe_layer(int block);

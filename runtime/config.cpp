@@ -216,6 +216,15 @@ const std::vector<ConfigKey> kSchema = {
      1 << 20,
      {},
      "experts per MoE layer (global); the world size must not exceed it"},
+    {"model.moe.layer_experts",
+     T::kString,
+     "",
+     0,
+     0,
+     {},
+     "experts of each MoE layer, comma-separated in block order (e.g. 32,8; one count per MoE "
+     "block, each >= top_k and >= the world size); empty: every MoE layer has num_experts. "
+     "moe-prune --layers writes it"},
     {"model.moe.top_k", T::kInt, "2", 1, 64, {}, "experts per token (slots); <= num_experts"},
     {"model.moe.d_ff", T::kInt, "2048", 1, 1 << 20, {}, "hidden width of each expert FFN"},
     {"model.moe.activation",

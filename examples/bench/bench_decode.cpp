@@ -3,7 +3,8 @@
 //   moe-bench decode --threads 2 [--json]                              1 rank  x 2 threads
 // The model is the PyTorch reference's default decode model (`torch_reference.py decode`):
 // d_model 256, 4 layers, 4 heads, 8 experts top-2 of width 1024 in every block, vocabulary 256,
-// random weights; per batch size B, a prompt of 32 tokens per sequence is prefilled in one
+// random weights (--checkpoint DIR: that checkpoint's shape and weights instead, e.g. before and
+// after moe-prune); per batch size B, a prompt of 32 tokens per sequence is prefilled in one
 // extend, then 63 one-token decode steps yield 64 new tokens per sequence. As in serving
 // (model/serve/engine.hpp), the sequences are spread over the ranks in contiguous blocks (each
 // rank runs attention and the LM head of its block), every step rank 0 broadcasts the B token
@@ -83,6 +84,9 @@ int bench_decode(const std::vector<std::string>& argv) {
   policy.omp_threads = static_cast<int>(args.get_int("--threads", 0));
   policy.apply(P);
 
+  // --checkpoint DIR: the checkpoint's model (shape and weights, e.g. before and after
+  // moe-prune); otherwise a random model of the shape given by the flags below.
+  const std::string ckpt = args.get("--checkpoint", "");
   model::ModelConfig cfg;
   cfg.vocab_size = args.get_int("--vocab", 256);
   cfg.d_model = args.get_int("--d-model", 256);
@@ -105,7 +109,15 @@ int bench_decode(const std::vector<std::string>& argv) {
   const int64_t steps = new_tokens - 1;
   const bool spread = !args.flag("--rank0-only");
 
-  model::Transformer model(cfg, world, static_cast<uint64_t>(args.get_int("--seed", 1)));
+  std::unique_ptr<model::Transformer> owned;
+  if (ckpt.empty()) {
+    owned = std::make_unique<model::Transformer>(cfg, world,
+                                                 static_cast<uint64_t>(args.get_int("--seed", 1)));
+  } else {
+    owned = std::move(model::load_for_inference(ckpt, "", world).model);
+    cfg = owned->config();
+  }
+  model::Transformer& model = *owned;
   const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
 
   // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
@@ -203,10 +215,11 @@ int bench_decode(const std::vector<std::string>& argv) {
   std::printf("moe-bench decode: %d rank(s) x %s, sequences %s\n", P, policy.describe().c_str(),
               spread ? "spread over the ranks" : "on rank 0");
   std::printf(
-      "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, random weights; prompt %lld + %lld new "
+      "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, %s; prompt %lld + %lld new "
       "(%lld decode steps)\n",
       (long long)d, cfg.n_layers, cfg.n_heads, (long long)f, cfg.moe.n_experts, cfg.moe.top_k,
-      (long long)cfg.vocab_size, (long long)prompt_len, (long long)new_tokens, (long long)steps);
+      (long long)cfg.vocab_size, ckpt.empty() ? "random weights" : ckpt.c_str(),
+      (long long)prompt_len, (long long)new_tokens, (long long)steps);
   std::printf("memory bandwidth (streaming read, all ranks x threads): %.1f GB/s\n", bandwidth);
   std::printf("dense weights %.2f MB, one expert %.2f MB\n\n", dense_bytes / 1e6,
               expert_bytes / 1e6);
@@ -248,6 +261,7 @@ int bench_decode(const std::vector<std::string>& argv) {
                           {"heads", cfg.n_heads},
                           {"d_ff", f},
                           {"experts", cfg.moe.n_experts},
+                          {"checkpoint", ckpt},
                           {"top_k", cfg.moe.top_k},
                           {"vocab", cfg.vocab_size},
                           {"prompt_len", prompt_len},

@@ -67,7 +67,7 @@ Engine::Engine(Transformer& model, const comm::Communicator& comm, const EngineO
   for (int l = 0; l < model_.config().n_layers; ++l)
     if (model_.config().is_moe(l)) {
       stats_.expert_load_blocks.push_back(l);
-      stats_.expert_load.emplace_back(static_cast<size_t>(model_.config().moe.n_experts), 0);
+      stats_.expert_load.emplace_back(static_cast<size_t>(model_.config().experts(l)), 0);
     }
   active_.reserve(static_cast<size_t>(options_.max_batch));
 }

@@ -226,3 +226,89 @@ TEST(Prune, DenseCheckpointIsRejected) {
     EXPECT_NE(std::string(e.what()).find("is a dense model"), std::string::npos) << e.what();
   }
 }
+
+// --layers: only block 1 is pruned (8 -> 4, its planted pairs merged); block 0 keeps its 8
+// experts. The checkpoint lists the counts (model.moe.layer_experts "8,4"), has a router of 8
+// columns in block 0 and 4 in block 1, and, loaded again on one rank (fewer than it was written
+// from when run on 2), gives the original logits: the merged pairs compute what they did.
+TEST(Prune, OneLayerPrunedLoadsOnFewerRanks) {
+  const Communicator comm = Communicator::world();
+  const std::string dir = scratch(comm), data = token_file(dir, comm);
+  const Config config = tiny_config(data, 1);
+  Transformer model(moe::model::ModelConfig::from(config, 256), comm, 5);
+  plant_pairs(model);
+  save(model, config, dir + "/in", comm);
+  const std::vector<float> ref = logits(model, data, comm);
+
+  moe::model::PruneOptions o;
+  o.checkpoint = dir + "/in";
+  o.task_data = data;
+  o.output = dir + "/layer1";
+  o.target = 4;
+  o.tokens = 2048;
+  o.layers = {1};
+  const auto report = moe::model::prune_checkpoint(o, comm);
+  ASSERT_EQ(report.plans.size(), 2u);
+  EXPECT_EQ(report.plans[0].groups.size(), 8u);
+  for (int g = 0; g < 4; ++g)
+    EXPECT_EQ(report.plans[1].groups[static_cast<size_t>(g)].members,
+              (std::vector<int>{2 * g, 2 * g + 1}));
+
+  // Rank 0 alone (its own communicator) loads the checkpoint written by every rank.
+  const Communicator one = comm.split(comm.rank() == 0 ? 0 : 1, comm.rank());
+  if (comm.rank() == 0) {
+    auto pruned = moe::model::load_for_inference(dir + "/layer1", data, one);
+    const auto& mc = pruned.model->config();
+    EXPECT_EQ(mc.experts(0), 8);
+    EXPECT_EQ(mc.experts(1), 4);
+    EXPECT_EQ(pruned.config.get_string("model.moe.layer_experts"), "8,4");
+    EXPECT_EQ(pruned.model->moe_layer(0)->router().params().front().value.cols, 8);
+    EXPECT_EQ(pruned.model->moe_layer(1)->router().params().front().value.cols, 4);
+    EXPECT_EQ(pruned.model->moe_layer(1)->experts().n_local(), 4);
+    EXPECT_LT(max_diff(ref, logits(*pruned.model, data, one)), 1e-4);
+  }
+  comm.barrier();
+
+  // Pruning it again by a factor of 2 in block 0 only: every layer has 4, one count again.
+  o.checkpoint = dir + "/layer1";
+  o.output = dir + "/both";
+  o.layers = {0};
+  moe::model::prune_checkpoint(o, comm);
+  auto both = moe::model::load_for_inference(dir + "/both", data, comm);
+  EXPECT_EQ(both.config.get_int("model.moe.num_experts"), 4);
+  EXPECT_EQ(both.config.get_string("model.moe.layer_experts"), "");
+  const auto both_logits = logits(*both.model, data, comm);
+  if (comm.rank() == 0) {
+    EXPECT_LT(max_diff(ref, both_logits), 1e-4);
+  }
+
+  // A block that is not an MoE block: every rank throws, naming it.
+  o.layers = {2};
+  o.output = dir + "/bad";
+  try {
+    moe::model::prune_checkpoint(o, comm);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("block 2 is not an MoE block"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Prune, LayerExpertsConfigIsValidated) {
+  auto from = [](const std::string& list) {
+    return moe::model::ModelConfig::from(
+        Config::load("", {"model.n_layers=2", "model.moe.num_experts=8", "model.moe.top_k=2",
+                          "model.moe.layer_experts=" + list}),
+        256);
+  };
+  EXPECT_EQ(from("8,4").experts(1), 4);
+  EXPECT_EQ(from("8, 4").min_experts(), 4);
+  EXPECT_TRUE(from("").layer_experts.empty());
+  for (const char* bad : {"8", "8,4,2", "8,x", "8,1", "8,4.5"}) try {
+      from(bad);
+      ADD_FAILURE() << "no error for '" << bad << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("model.moe.layer_experts"), std::string::npos)
+          << e.what();
+    }
+}

@@ -33,4 +33,7 @@ expect_fail vocab "rank [01]: error: data: (rank [01]: )?task data .*bpe.h5 has 
 train 2 dense --set model.moe.every_n_layers=0 --set train.steps=2 --set checkpoint.every=2
 expect_fail dense "rank [01]: error: config: (rank [01]: )?checkpoint .* is a dense model" \
   --checkpoint "$S/dense/ck" --task-data "$MOE_DATA" --target-experts 2
+expect_fail layers "rank [01]: error: config: (rank [01]: )?--layers 2: block 2 is not an MoE block" \
+  --checkpoint "$ck" --task-data "$MOE_DATA" --target-experts 2 --layers 2
+
 echo "PASS"

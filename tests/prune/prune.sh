@@ -3,7 +3,8 @@
 # layer) trained 10 steps on 2 ranks; pruned 4 -> 2 on 2 ranks with each method (merge also
 # with --eval: it prints the pruned model's task loss); the merged checkpoint then generates
 # text with moe-generate on 1 rank (fewer ranks than it was written from) and resumes training
-# on 1 rank (its optimiser state loads). Leaves $S/base/ck for bad_input.sh.
+# on 1 rank (its optimiser state loads); then --layers 1 (block 1 only, per-layer expert counts)
+# generates and resumes on 1 rank too. Leaves $S/base/ck for bad_input.sh.
 # Environment: lib.sh's, plus MOE_PRUNE and MOE_GENERATE (the binaries).
 source "$(dirname "$0")/../train/lib.sh"
 : "${MOE_PRUNE:?}" "${MOE_GENERATE:?}"
@@ -53,4 +54,24 @@ grep -q "checkpoint step 10, 1 rank(s)" "$S/generate.log" || fail "moe-generate 
 train 1 resumed --set model.moe.num_experts=2 --set train.steps=12 --resume "$S/merged"
 grep -q "resumed from .* at step 10 (written by 2 rank(s), now 1)" "$S/resumed.log" ||
   fail "no 'resumed ... at step 10' line"
+# --layers: block 1 only (4 -> 2); block 0 keeps 4 experts (model.moe.layer_experts "4,2").
+# Generates on 1 rank and resumes training on 1 rank with the per-layer counts.
+prune layer1 --method merge --layers 1
+grep -q "merge, 4 -> 4,2 experts" "$S/layer1.log" || fail "no '4 -> 4,2 experts' line"
+/usr/bin/python3 - "$S/layer1/step-00000010/model.h5" <<'PY' || fail "one-layer-pruned layout"
+import h5py, sys
+f = h5py.File(sys.argv[1], "r")
+assert f.attrs["n_experts"] == 6, f.attrs["n_experts"]          # 4 + 2
+assert "layer_experts: 4,2" in f.attrs["config"], f.attrs["config"]
+assert f["/model/dense/blocks.0.moe.router.w"].shape == (64, 4)
+assert f["/model/dense/blocks.1.moe.router.w"].shape == (64, 2)
+print("one-layer-pruned layout ok")
+PY
+timeout --kill-after=5 60 "${MPIRUN[@]}" -np 1 "$MOE_GENERATE" --checkpoint "$S/layer1" \
+  --data "$MOE_DATA" --prompt "In the beginning" --max-tokens 16 --temperature 0 \
+  >"$S/generate1.log" 2>&1 || { cat "$S/generate1.log"; fail "moe-generate, one layer pruned"; }
+grep -q "checkpoint step 10, 1 rank(s)" "$S/generate1.log" || fail "moe-generate output (layer1)"
+train 1 resumed1 --set model.moe.layer_experts=4,2 --set train.steps=12 --resume "$S/layer1"
+grep -q "resumed from .* at step 10 (written by 2 rank(s), now 1)" "$S/resumed1.log" ||
+  fail "no 'resumed ... at step 10' line (layer1)"
 echo "PASS"
