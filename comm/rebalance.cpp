@@ -1,0 +1,281 @@
+#include "comm/rebalance.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "runtime/error.hpp"
+
+namespace moe::comm {
+
+RebalancePolicy parse_rebalance_policy(const std::string& name) {
+  if (name == "lpt") return RebalancePolicy::kLpt;
+  if (name == "replicate") return RebalancePolicy::kReplicate;
+  throw Error(ErrorKind::kConfig,
+              cat("comm.rebalance.policy = '", name, "': expected lpt or replicate"));
+}
+
+const char* rebalance_policy_name(RebalancePolicy p) {
+  return p == RebalancePolicy::kLpt ? "lpt" : "replicate";
+}
+
+std::vector<double> rank_loads(const std::vector<double>& load, const ExpertPlacement& placement) {
+  std::vector<double> out(static_cast<size_t>(placement.n_ranks()), 0.0);
+  for (int e = 0; e < placement.n_experts(); ++e) {
+    const double share = load[static_cast<size_t>(e)] / placement.n_instances(e);
+    for (int r : placement.instances(e)) out[static_cast<size_t>(r)] += share;
+  }
+  return out;
+}
+
+namespace {
+
+double max_over_mean(const std::vector<double>& v) {
+  const double total = std::accumulate(v.begin(), v.end(), 0.0);
+  if (!(total > 0.0)) return 0.0;
+  return *std::max_element(v.begin(), v.end()) * static_cast<double>(v.size()) / total;
+}
+
+struct Instance {
+  int expert;
+  double share;
+};
+
+// Puts `inst` (share descending) into bins: least load, then fewest instances, then lowest
+// index, never two instances of one expert in a bin; the last instances fill bins below min.
+void lpt_fill(const std::vector<Instance>& inst, int min_per_bin,
+              std::vector<std::vector<int>>& bins, std::vector<double>& bin_load) {
+  const size_t P = bins.size();
+  for (size_t i = 0; i < inst.size(); ++i) {
+    int64_t missing = 0;
+    for (const auto& b : bins) missing += std::max<int64_t>(0, min_per_bin - int64_t(b.size()));
+    const bool forced = int64_t(inst.size() - i) <= missing;
+    auto holds = [&](size_t b) {
+      return std::find(bins[b].begin(), bins[b].end(), inst[i].expert) != bins[b].end();
+    };
+    int best = -1;
+    for (int pass = 0; pass < 2 && best < 0; ++pass)  // pass 1: drop the minimum rule
+      for (size_t b = 0; b < P; ++b) {
+        if (holds(b) || (pass == 0 && forced && int(bins[b].size()) >= min_per_bin)) continue;
+        if (best < 0 || bin_load[b] < bin_load[best] ||
+            (bin_load[b] == bin_load[best] && bins[b].size() < bins[best].size()))
+          best = static_cast<int>(b);
+      }
+    MOE_CHECK(best >= 0, "rebalance: no rank can take an instance of expert ", inst[i].expert);
+    bins[best].push_back(inst[i].expert);
+    bin_load[best] += inst[i].share;
+  }
+}
+
+}  // namespace
+
+double rank_imbalance(const std::vector<double>& load, const ExpertPlacement& placement) {
+  return max_over_mean(rank_loads(load, placement));
+}
+
+PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacement& current,
+                             const RebalanceOptions& options) {
+  const int E = current.n_experts(), P = current.n_ranks();
+  MOE_CHECK(static_cast<int>(load.size()) == E, "rebalance: ", load.size(), " loads for ", E,
+            " experts");
+  const int min_per = std::max(1, options.min_experts_per_rank);
+  if (int64_t(P) * min_per > int64_t(E) + std::max(0, options.replicas))
+    throw Error(ErrorKind::kConfig, cat("rebalance: ", P, " ranks x ", min_per,
+                                        " experts each exceed the ", E, " experts"));
+  const double total = std::accumulate(load.begin(), load.end(), 0.0);
+  PlacementPlan out;
+  out.placement = current;
+  const std::vector<double> before = rank_loads(load, current);
+  out.max_before = out.max_after = *std::max_element(before.begin(), before.end());
+  out.imbalance_before = out.imbalance_after = max_over_mean(before);
+  if (!(total > 0.0)) return out;
+
+  // 1. Replicas for the experts whose share exceeds the ideal rank load.
+  std::vector<int> n_inst(static_cast<size_t>(E), 1);
+  const double ideal = total / P;
+  for (int i = 0; i < options.replicas; ++i) {
+    int best = -1;
+    for (int e = 0; e < E; ++e)
+      if (n_inst[e] < P && (best < 0 || load[e] / n_inst[e] > load[best] / n_inst[best])) best = e;
+    if (best < 0 || !(load[best] / n_inst[best] > ideal)) break;
+    ++n_inst[best];
+  }
+
+  // 2. Instances into bins.
+  std::vector<std::vector<int>> bins(static_cast<size_t>(P));
+  std::vector<double> bin_load(static_cast<size_t>(P), 0.0);
+  std::vector<Instance> inst;
+  for (int e = 0; e < E; ++e)
+    for (int i = (options.policy == RebalancePolicy::kReplicate ? 1 : 0); i < n_inst[e]; ++i)
+      inst.push_back({e, load[e] / n_inst[e]});
+  std::stable_sort(inst.begin(), inst.end(),
+                   [](const Instance& a, const Instance& b) { return a.share > b.share; });
+  bool matched = false;
+  if (options.policy == RebalancePolicy::kReplicate) {  // primaries stay, in rank order
+    for (int e = 0; e < E; ++e) {
+      bins[current.owner(e)].push_back(e);
+      bin_load[current.owner(e)] += load[e] / n_inst[e];
+    }
+    matched = true;  // bins are ranks already
+  }
+  lpt_fill(inst, min_per, bins, bin_load);
+
+  // 3. Bins to ranks by overlap with what each rank holds now.
+  std::vector<int> bin_rank(static_cast<size_t>(P), -1);
+  if (matched) {
+    std::iota(bin_rank.begin(), bin_rank.end(), 0);
+  } else {
+    std::vector<int> overlap(static_cast<size_t>(P) * P, 0);  // [bin][rank]
+    for (int b = 0; b < P; ++b)
+      for (int e : bins[b])
+        for (int r : current.instances(e)) ++overlap[size_t(b) * P + r];
+    std::vector<uint8_t> rank_used(static_cast<size_t>(P), 0);
+    for (int n = 0; n < P; ++n) {
+      int bb = -1, br = -1;
+      for (int b = 0; b < P; ++b) {
+        if (bin_rank[b] >= 0) continue;
+        for (int r = 0; r < P; ++r)
+          if (!rank_used[r] &&
+              (bb < 0 || overlap[size_t(b) * P + r] > overlap[size_t(bb) * P + br]))
+            bb = b, br = r;
+      }
+      bin_rank[bb] = br;
+      rank_used[br] = 1;
+    }
+  }
+
+  // Instances per expert: the current primary first if it keeps one, then increasing rank.
+  std::vector<std::vector<int>> ranks(static_cast<size_t>(E));
+  for (int b = 0; b < P; ++b)
+    for (int e : bins[b]) ranks[e].push_back(bin_rank[b]);
+  for (int e = 0; e < E; ++e) {
+    std::vector<int>& rs = ranks[e];
+    std::sort(rs.begin(), rs.end());
+    auto it = std::find(rs.begin(), rs.end(), current.owner(e));
+    if (it != rs.end()) std::rotate(rs.begin(), it, it + 1);
+  }
+  ExpertPlacement next = ExpertPlacement::from_instances(ranks, P);
+  const std::vector<double> after = rank_loads(load, next);
+  const double max_after = *std::max_element(after.begin(), after.end());
+  // 4. Keep the current map unless the gain is worth a migration.
+  if (next == current || !(max_after * (1.0 + options.min_gain) <= out.max_before)) return out;
+  out.placement = std::move(next);
+  out.changed = true;
+  out.max_after = max_after;
+  out.imbalance_after = max_over_mean(after);
+  return out;
+}
+
+LoadTracker::LoadTracker(int n_layers, int n_experts, double decay)
+    : decay_(decay),
+      ema_(static_cast<size_t>(n_layers), std::vector<double>(static_cast<size_t>(n_experts), 0.0)),
+      step_(ema_) {}
+
+void LoadTracker::add(int layer, const std::vector<int64_t>& expert_tokens) {
+  std::vector<double>& s = step_[static_cast<size_t>(layer)];
+  for (size_t e = 0; e < s.size() && e < expert_tokens.size(); ++e)
+    s[e] += static_cast<double>(expert_tokens[e]);
+}
+
+void LoadTracker::end_step() {
+  for (size_t l = 0; l < ema_.size(); ++l)
+    for (size_t e = 0; e < ema_[l].size(); ++e) {
+      ema_[l][e] = steps_ == 0 ? step_[l][e] : decay_ * ema_[l][e] + (1.0 - decay_) * step_[l][e];
+      step_[l][e] = 0.0;
+    }
+  ++steps_;
+}
+
+MigrationStats migrate_experts(const ExpertPlacement& from, const ExpertPlacement& to, int64_t F,
+                               const float* old_rows, float* new_rows, const Communicator& comm) {
+  const int P = comm.size(), me = comm.rank();
+  MOE_CHECK(from.n_experts() == to.n_experts() && from.n_ranks() == P && to.n_ranks() == P,
+            "migrate: placements differ in shape");
+  if (F > kMaxMpiCount)
+    throw Error(ErrorKind::kComm, cat("migrate: ", F,
+                                      " floats per expert exceed the MPI count "
+                                      "limit ",
+                                      kMaxMpiCount));
+  MigrationStats st;
+  std::vector<MPI_Request> req;
+  const size_t row = static_cast<size_t>(F);
+  // Every rank walks the same list of new instances, in (rank, slot) order.
+  for (int r = 0; r < P; ++r)
+    for (int j = 0; j < to.n_local(r); ++j) {
+      const int e = to.local_experts(r)[j];
+      const int held = from.slot_on(e, r);
+      const int src = from.owner(e);
+      if (r == me && held >= 0) {
+        std::memcpy(new_rows + size_t(j) * row, old_rows + size_t(held) * row, row * sizeof(float));
+      } else if (held < 0 && r == me) {
+        req.emplace_back();
+        MOE_MPI_CHECK(MPI_Irecv(new_rows + size_t(j) * row, int(F), MPI_FLOAT, src, e, comm.raw(),
+                                &req.back()),
+                      "migrate: receive expert");
+        ++st.experts_received;
+        st.bytes_received += F * 4;
+      } else if (held < 0 && src == me) {
+        req.emplace_back();
+        MOE_MPI_CHECK(MPI_Isend(old_rows + size_t(from.slot(e)) * row, int(F), MPI_FLOAT, r, e,
+                                comm.raw(), &req.back()),
+                      "migrate: send expert");
+        ++st.experts_sent;
+        st.bytes_sent += F * 4;
+      }
+    }
+  MOE_MPI_CHECK(MPI_Waitall(int(req.size()), req.data(), MPI_STATUSES_IGNORE), "migrate: wait");
+  return st;
+}
+
+ReplicaGroups::ReplicaGroups(const ExpertPlacement& placement, const Communicator& comm)
+    : groups_(static_cast<size_t>(placement.n_experts()), MPI_COMM_NULL) {
+  for (int e = 0; e < placement.n_experts(); ++e) {
+    if (placement.n_instances(e) < 2) continue;
+    const bool in = placement.slot_on(e, comm.rank()) >= 0;
+    MPI_Comm c = MPI_COMM_NULL;
+    MOE_MPI_CHECK(MPI_Comm_split(comm.raw(), in ? 0 : MPI_UNDEFINED, comm.rank(), &c),
+                  "replica group split");
+    if (c != MPI_COMM_NULL) {
+      MOE_MPI_CHECK(MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN), "replica group errhandler");
+      groups_[e] = c;
+    }
+  }
+}
+
+ReplicaGroups::~ReplicaGroups() {
+  release();
+}
+
+void ReplicaGroups::release() {
+  for (MPI_Comm& c : groups_)
+    if (c != MPI_COMM_NULL) MPI_Comm_free(&c);
+  groups_.clear();
+}
+
+ReplicaGroups::ReplicaGroups(ReplicaGroups&& o) noexcept : groups_(std::move(o.groups_)) {
+  o.groups_.clear();
+}
+
+ReplicaGroups& ReplicaGroups::operator=(ReplicaGroups&& o) noexcept {
+  if (this != &o) {
+    release();
+    groups_ = std::move(o.groups_);
+    o.groups_.clear();
+  }
+  return *this;
+}
+
+bool ReplicaGroups::member(int expert) const {
+  return expert >= 0 && expert < static_cast<int>(groups_.size()) &&
+         groups_[static_cast<size_t>(expert)] != MPI_COMM_NULL;
+}
+
+void ReplicaGroups::sum(int expert, float* data, int64_t n, const char* what) const {
+  MOE_CHECK(member(expert), what, ": not in the replica group of expert ", expert);
+  MOE_CHECK(n <= kMaxMpiCount, what, ": ", n, " floats exceed the MPI count limit");
+  MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, int(n), MPI_FLOAT, MPI_SUM,
+                              groups_[static_cast<size_t>(expert)]),
+                what);
+}
+
+}  // namespace moe::comm
