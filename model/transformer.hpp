@@ -139,6 +139,9 @@ class Transformer {
   // Replicated parameters in the order backward finishes them; sharded expert parameters.
   const std::vector<ParamRef>& dense_params() const { return dense_; }
   const std::vector<ParamRef>& expert_params() const { return experts_; }
+  // Collects the parameter lists again after MoE layers replaced their expert banks
+  // (model/rebalance.hpp); dense_params() keeps its order and views. Local.
+  void refresh_params() { collect_params(); }
   // Names of the dense parameters that take no weight decay (norm gains).
   bool no_decay(const std::string& name) const;
   void zero_grad();
