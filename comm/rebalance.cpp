@@ -97,7 +97,8 @@ PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacem
     int best = -1;
     for (int e = 0; e < E; ++e)
       if (n_inst[e] < P && (best < 0 || load[e] / n_inst[e] > load[best] / n_inst[best])) best = e;
-    if (best < 0 || !(load[best] / n_inst[best] > ideal)) break;
+    // (a relative margin, so that rounding in the sums never buys a useless replica)
+    if (best < 0 || !(load[best] / n_inst[best] > ideal * (1 + 1e-9))) break;
     ++n_inst[best];
   }
 
