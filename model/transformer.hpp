@@ -154,6 +154,8 @@ class Transformer {
   ModelStats stats() const;
   ActivationBytes activation_bytes() const;
   const ModelConfig& config() const { return config_; }
+  // The initial (blocked) placement; with comm.rebalance each MoE layer may move to its own
+  // (MoeLayer::placement()).
   const comm::ExpertPlacement& placement() const { return placement_; }
   // The MoE layer of block l, or nullptr for a dense block.
   MoeLayer* moe_layer(int block);
