@@ -1,7 +1,6 @@
 #include "comm/rebalance.hpp"
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 
 #include "runtime/error.hpp"
@@ -187,44 +186,51 @@ void LoadTracker::end_step() {
   ++steps_;
 }
 
-MigrationStats migrate_experts(const ExpertPlacement& from, const ExpertPlacement& to, int64_t F,
-                               const float* old_rows, float* new_rows, const Communicator& comm) {
-  const int P = comm.size(), me = comm.rank();
-  MOE_CHECK(from.n_experts() == to.n_experts() && from.n_ranks() == P && to.n_ranks() == P,
+MigrationPlan plan_migration(const ExpertPlacement& from, const ExpertPlacement& to, int rank) {
+  MOE_CHECK(from.n_experts() == to.n_experts() && from.n_ranks() == to.n_ranks(),
             "migrate: placements differ in shape");
-  if (F > kMaxMpiCount)
-    throw Error(ErrorKind::kComm, cat("migrate: ", F,
-                                      " floats per expert exceed the MPI count "
-                                      "limit ",
-                                      kMaxMpiCount));
-  MigrationStats st;
-  std::vector<MPI_Request> req;
-  const size_t row = static_cast<size_t>(F);
+  MigrationPlan plan;
   // Every rank walks the same list of new instances, in (rank, slot) order.
-  for (int r = 0; r < P; ++r)
+  for (int r = 0; r < to.n_ranks(); ++r)
     for (int j = 0; j < to.n_local(r); ++j) {
       const int e = to.local_experts(r)[j];
       const int held = from.slot_on(e, r);
-      const int src = from.owner(e);
-      if (r == me && held >= 0) {
-        std::memcpy(new_rows + size_t(j) * row, old_rows + size_t(held) * row, row * sizeof(float));
-      } else if (held < 0 && r == me) {
-        req.emplace_back();
-        MOE_MPI_CHECK(MPI_Irecv(new_rows + size_t(j) * row, int(F), MPI_FLOAT, src, e, comm.raw(),
-                                &req.back()),
-                      "migrate: receive expert");
-        ++st.experts_received;
-        st.bytes_received += F * 4;
-      } else if (held < 0 && src == me) {
-        req.emplace_back();
-        MOE_MPI_CHECK(MPI_Isend(old_rows + size_t(from.slot(e)) * row, int(F), MPI_FLOAT, r, e,
-                                comm.raw(), &req.back()),
-                      "migrate: send expert");
-        ++st.experts_sent;
-        st.bytes_sent += F * 4;
-      }
+      if (r == rank && held >= 0)
+        plan.keeps.push_back({e, held, j});
+      else if (r == rank)
+        plan.recvs.push_back({e, j, from.owner(e)});
+      else if (held < 0 && from.owner(e) == rank)
+        plan.sends.push_back({e, from.slot(e), r});
     }
-  MOE_MPI_CHECK(MPI_Waitall(int(req.size()), req.data(), MPI_STATUSES_IGNORE), "migrate: wait");
+  return plan;
+}
+
+MigrationStats migrate_experts(const MigrationPlan& plan, int64_t F, const float* send_rows,
+                               float* recv_rows, const Communicator& comm) {
+  if (F > kMaxMpiCount)
+    throw Error(
+        ErrorKind::kComm,
+        cat("migrate: ", F, " floats per expert exceed the MPI count limit ", kMaxMpiCount));
+  MigrationStats st;
+  std::vector<MPI_Request> req(plan.sends.size() + plan.recvs.size());
+  size_t n = 0;
+  for (size_t i = 0; i < plan.recvs.size(); ++i) {
+    const auto& r = plan.recvs[i];
+    MOE_MPI_CHECK(MPI_Irecv(recv_rows + i * size_t(F), int(F), MPI_FLOAT, r.source, r.expert,
+                            comm.raw(), &req[n++]),
+                  "migrate: receive expert");
+    ++st.experts_received;
+    st.bytes_received += F * 4;
+  }
+  for (size_t i = 0; i < plan.sends.size(); ++i) {
+    const auto& s = plan.sends[i];
+    MOE_MPI_CHECK(MPI_Isend(send_rows + i * size_t(F), int(F), MPI_FLOAT, s.dest, s.expert,
+                            comm.raw(), &req[n++]),
+                  "migrate: send expert");
+    ++st.experts_sent;
+    st.bytes_sent += F * 4;
+  }
+  MOE_MPI_CHECK(MPI_Waitall(int(n), req.data(), MPI_STATUSES_IGNORE), "migrate: wait");
   return st;
 }
 

@@ -87,13 +87,32 @@ struct MigrationStats {
   int64_t bytes_sent = 0, bytes_received = 0;
 };
 
-// Moves expert state from placement `from` to `to` (same E and P) by point-to-point MPI:
-// old_rows [from.n_local(me), F] in from's slot order, new_rows [to.n_local(me), F] in to's slot
-// order (filled). An instance this rank already held is copied locally; any other comes from
-// the expert's primary under `from` (MPI_Isend / MPI_Irecv, tag = expert id; nothing passes
-// through rank 0). Collective over comm (every rank calls, also when nothing moves for it).
-MigrationStats migrate_experts(const ExpertPlacement& from, const ExpertPlacement& to, int64_t F,
-                               const float* old_rows, float* new_rows, const Communicator& comm);
+// What one rank does to move from placement `from` to `to` (same E and P): every instance of
+// `to` on a rank that held none of its expert under `from` is sent by the expert's primary under
+// `from`; an instance the rank already held stays. Lists in (destination rank, new slot) order.
+struct MigrationPlan {
+  struct Send {
+    int expert, old_slot, dest;
+  };
+  struct Recv {
+    int expert, new_slot, source;
+  };
+  struct Keep {
+    int expert, old_slot, new_slot;
+  };
+  std::vector<Send> sends;
+  std::vector<Recv> recvs;
+  std::vector<Keep> keeps;
+};
+MigrationPlan plan_migration(const ExpertPlacement& from, const ExpertPlacement& to, int rank);
+
+// Moves the rows of a migration plan by point-to-point MPI (MPI_Isend / MPI_Irecv, tag = expert
+// id; nothing passes through rank 0): send_rows [sends, F] in plan.sends order, recv_rows
+// [recvs, F] filled in plan.recvs order. Only moved experts are staged, so the extra memory is
+// what this rank sends and receives. Collective over comm (every rank calls with its own plan,
+// also when nothing moves for it).
+MigrationStats migrate_experts(const MigrationPlan& plan, int64_t F, const float* send_rows,
+                               float* recv_rows, const Communicator& comm);
 
 // One sub-communicator per replicated expert of a placement (its instance ranks); sum() adds a
 // gradient over the instances in place, so every instance holds the expert's full gradient.

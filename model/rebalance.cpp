@@ -42,6 +42,11 @@ void put(float* dst, ConstView v) {
     std::memcpy(dst + r * v.cols, v.row(r), static_cast<size_t>(v.cols) * sizeof(float));
 }
 
+void copy_rows(View dst, ConstView src) {
+  for (int64_t r = 0; r < src.rows; ++r)
+    std::memcpy(dst.row(r), src.row(r), static_cast<size_t>(src.cols) * sizeof(float));
+}
+
 void get(View v, const float* src) {
   for (int64_t r = 0; r < v.rows; ++r)
     std::memcpy(v.row(r), src + r * v.cols, static_cast<size_t>(v.cols) * sizeof(float));
@@ -162,10 +167,11 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
   ev.step = step;
 
   // Migrate layer by layer; keep each layer's received rows until the optimiser is rebuilt.
-  std::vector<std::vector<float>> received(blocks_.size());
-  std::unordered_map<std::string, std::pair<const float*, int>> state;  // name -> (row, w1/w2)
-  RowLayout lay{0, 0};
-  int64_t staged = 0, sent = 0, moved = 0, old_peak = 0;
+  // Migrate layer by layer, staging only the experts that move. AdamW states of the new expert
+  // parameters, by name: moved over from the old optimiser (kept experts) or rebuilt from the
+  // received rows; unchanged layers and PEER tables keep theirs (below).
+  std::unordered_map<std::string, AdamState> states;
+  int64_t staged = 0, sent = 0, moved = 0;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     if (next[i] == placement_[i]) continue;
     ++ev.layers_changed;
@@ -173,19 +179,22 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
     const comm::ExpertPlacement& to = next[i];
     MoeLayer& layer = *model.moe_layer(blocks_[i]);
     ExpertBank& bank = layer.experts();
-    lay = layout_of(bank);
+    const RowLayout lay = layout_of(bank);
     const int64_t F = lay.floats();
     const std::string prefix = cat("blocks.", blocks_[i], ".moe.expert.");
-    std::vector<float> old_rows(static_cast<size_t>(bank.n_local() * F));
-    for (int j = 0; j < bank.n_local(); ++j) {
-      float* row = old_rows.data() + j * F;
-      const std::string p = cat(prefix, bank.global_ids()[static_cast<size_t>(j)], ".");
-      const int64_t i1 = expert_opt.find(p + "w1"), i2 = expert_opt.find(p + "w2");
-      MOE_CHECK(i1 >= 0 && i2 >= 0, "rebalance: optimiser lacks ", p, "w1/w2");
-      AdamState& s1 = expert_opt.state(static_cast<size_t>(i1));
-      AdamState& s2 = expert_opt.state(static_cast<size_t>(i2));
-      put(row + lay.w1(), bank.w1(j));
-      put(row + lay.w2(), bank.w2(j));
+    auto state_of = [&](int g, const char* w) -> AdamState& {
+      const int64_t k = expert_opt.find(cat(prefix, g, ".", w));
+      MOE_CHECK(k >= 0, "rebalance: optimiser lacks ", prefix, g, ".", w);
+      return expert_opt.state(static_cast<size_t>(k));
+    };
+    const comm::MigrationPlan mp = comm::plan_migration(from, to, me);
+    std::vector<float> send_rows(mp.sends.size() * static_cast<size_t>(F));
+    for (size_t k = 0; k < mp.sends.size(); ++k) {
+      const auto& sd = mp.sends[k];
+      float* row = send_rows.data() + k * static_cast<size_t>(F);
+      AdamState &s1 = state_of(sd.expert, "w1"), &s2 = state_of(sd.expert, "w2");
+      put(row + lay.w1(), bank.w1(sd.old_slot));
+      put(row + lay.w2(), bank.w2(sd.old_slot));
       put(row + lay.m1(), s1.m.view());
       put(row + lay.v1(), s1.v.view());
       put(row + lay.m2(), s2.m.view());
@@ -193,29 +202,49 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
       std::memcpy(row + lay.t1(), &s1.step, sizeof(int64_t));
       std::memcpy(row + lay.t2(), &s2.step, sizeof(int64_t));
     }
-    std::vector<float>& new_rows = received[i];
-    new_rows.resize(static_cast<size_t>(to.n_local(me) * F));
+    std::vector<float> recv_rows(mp.recvs.size() * static_cast<size_t>(F));
     const comm::MigrationStats ms =
-        comm::migrate_experts(from, to, F, old_rows.data(), new_rows.data(), comm_);
+        comm::migrate_experts(mp, F, send_rows.data(), recv_rows.data(), comm_);
     sent += ms.bytes_sent;
     moved += ms.experts_received;
-    staged += static_cast<int64_t>(new_rows.size()) * 4;
-    old_peak = std::max<int64_t>(old_peak, static_cast<int64_t>(old_rows.size()) * 4);
+    staged =
+        std::max<int64_t>(staged, static_cast<int64_t>(send_rows.size() + recv_rows.size()) * 4);
+    std::vector<float>().swap(send_rows);
 
-    auto next = std::make_unique<ExpertBank>(bank.d_model(), bank.d_ff(), bank.activation(),
-                                             to.local_experts(me), 0);
-    std::vector<uint8_t> replica(static_cast<size_t>(next->n_local()), 0);
-    for (int j = 0; j < next->n_local(); ++j) {
-      const int g = to.local_experts(me)[static_cast<size_t>(j)];
-      const float* row = new_rows.data() + j * F;
-      get(next->w1(j), row + lay.w1());
-      get(next->w2(j), row + lay.w2());
-      replica[static_cast<size_t>(j)] = to.owner(g) != me;
-      state[cat(prefix, g, ".w1")] = {row, 1};
-      state[cat(prefix, g, ".w2")] = {row, 2};
+    auto nb = std::make_unique<ExpertBank>(bank.d_model(), bank.d_ff(), bank.activation(),
+                                           to.local_experts(me), 0);
+    for (const auto& kp : mp.keeps) {
+      copy_rows(nb->w1(kp.new_slot), bank.w1(kp.old_slot));
+      copy_rows(nb->w2(kp.new_slot), bank.w2(kp.old_slot));
+      for (const char* w : {"w1", "w2"}) {
+        AdamState& src = state_of(kp.expert, w);
+        AdamState& dst = states[cat(prefix, kp.expert, ".", w)];
+        dst.m = std::move(src.m);
+        dst.v = std::move(src.v);
+        dst.step = src.step;
+      }
     }
-    next->set_replicas(std::move(replica));
-    layer.replace_experts(to, std::move(next));
+    for (size_t k = 0; k < mp.recvs.size(); ++k) {
+      const auto& rv = mp.recvs[k];
+      const float* row = recv_rows.data() + k * static_cast<size_t>(F);
+      get(nb->w1(rv.new_slot), row + lay.w1());
+      get(nb->w2(rv.new_slot), row + lay.w2());
+      for (int w = 1; w <= 2; ++w) {
+        const View shape = w == 1 ? nb->w1(rv.new_slot) : nb->w2(rv.new_slot);
+        AdamState& dst = states[cat(prefix, rv.expert, w == 1 ? ".w1" : ".w2")];
+        dst.m = Tensor({shape.rows, shape.cols});
+        dst.v = Tensor({shape.rows, shape.cols});
+        get(dst.m.view(), row + (w == 1 ? lay.m1() : lay.m2()));
+        get(dst.v.view(), row + (w == 1 ? lay.v1() : lay.v2()));
+        std::memcpy(&dst.step, row + (w == 1 ? lay.t1() : lay.t2()), sizeof(int64_t));
+      }
+    }
+    std::vector<uint8_t> replica(static_cast<size_t>(nb->n_local()), 0);
+    for (int j = 0; j < nb->n_local(); ++j)
+      replica[static_cast<size_t>(j)] =
+          to.owner(to.local_experts(me)[static_cast<size_t>(j)]) != me;
+    nb->set_replicas(std::move(replica));
+    layer.replace_experts(to, std::move(nb));  // the old bank is freed here
     groups_[i] = comm::ReplicaGroups(to, comm_);
 
     // What moved: every new instance on a rank that did not hold the expert.
@@ -230,36 +259,30 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
     placement_[i] = to;
   }
 
-  // The optimiser over the new expert parameters: migrated state from the rows, the rest
-  // (PEER tables, unchanged layers) moved over from the old optimiser.
+  // The optimiser over the new expert parameters.
   model.refresh_params();
   AdamW next_opt(expert_opt.options());
   for (const ParamRef& p : model.expert_params()) {
-    const size_t k = next_opt.add(p, true);
-    AdamState& dst = next_opt.state(k);
-    auto it = state.find(p.name);
-    if (it != state.end()) {
-      const float* row = it->second.first;
-      const bool w1 = it->second.second == 1;
-      get(dst.m.view(), row + (w1 ? lay.m1() : lay.m2()));
-      get(dst.v.view(), row + (w1 ? lay.v1() : lay.v2()));
-      std::memcpy(&dst.step, row + (w1 ? lay.t1() : lay.t2()), sizeof(int64_t));
-    } else {
-      const int64_t old = expert_opt.find(p.name);
-      MOE_CHECK(old >= 0, "rebalance: optimiser lacks ", p.name);
-      AdamState& src = expert_opt.state(static_cast<size_t>(old));
-      dst.m = std::move(src.m);
-      dst.v = std::move(src.v);
-      dst.step = src.step;
+    auto it = states.find(p.name);
+    if (it != states.end()) {
+      next_opt.add(p, true, std::move(it->second));
+      continue;
     }
+    const int64_t old = expert_opt.find(p.name);
+    MOE_CHECK(old >= 0, "rebalance: optimiser lacks ", p.name);
+    AdamState& src = expert_opt.state(static_cast<size_t>(old));
+    AdamState st;
+    st.m = std::move(src.m);
+    st.v = std::move(src.v);
+    st.step = src.step;
+    next_opt.add(p, expert_opt.decay(static_cast<size_t>(old)), std::move(st));
   }
   expert_opt = std::move(next_opt);
 
   ev.experts_moved = static_cast<int>(comm_.sum(static_cast<int64_t>(moved), "rebalance moved"));
   ev.bytes_moved = comm_.sum(sent, "rebalance bytes");
   ev.replicas = replicas();
-  ev.peak_extra_mb =
-      comm_.max(static_cast<double>(staged + old_peak) / (1024.0 * 1024.0), "rebalance memory");
+  ev.peak_extra_mb = comm_.max(static_cast<double>(staged) / (1024.0 * 1024.0), "rebalance memory");
   ev.seconds = comm_.max(now_s() - t0, "rebalance time");
   event_ = ev;
   ++rebalances_;

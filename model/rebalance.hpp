@@ -49,7 +49,7 @@ struct RebalanceEvent {
   double seconds = 0;       // planning + migration + rebuild (slowest rank)
   double imbalance_before = 0, imbalance_after = 0;  // predicted, worst layer
   double predicted_gain = 1;                         // max rank load before / after, worst layer
-  double peak_extra_mb = 0;  // staging buffers of the migration, largest rank
+  double peak_extra_mb = 0;  // staging of moved experts (one layer at a time), largest rank
   std::string moves;         // "L0: 3 r0->r1, 5' r2; L1: ..." (' = a new replica)
 };
 
