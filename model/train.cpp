@@ -208,8 +208,13 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                    const comm::Communicator& comm) {
   const int rank = comm.rank(), P = comm.size();
   install_stop_signal_handlers();  // idempotent; moe-train installs them before MPI start-up
-  if (config.get_string("model.moe.router") == "single_gate")
+  if (config.get_string("model.moe.router") == "single_gate") {
+    if (config.get_int("comm.rebalance.every") > 0)
+      throw Error(ErrorKind::kConfig,
+                  "comm.rebalance.every > 0 is not supported with model.moe.router single_gate; "
+                  "set comm.rebalance.every to 0");
     return train_single_gate(config, options, comm);  // its own model class and phases
+  }
   Run run = start_run(config, rank, P, "moe-train");
   const Shape shape = batch_shape(config, P);
   const uint64_t seed = static_cast<uint64_t>(config.get_int("train.seed"));
