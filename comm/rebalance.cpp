@@ -66,6 +66,71 @@ void lpt_fill(const std::vector<Instance>& inst, int min_per_bin,
   }
 }
 
+// Instance lists from per-rank expert sets: increasing rank, `current`'s primary first if kept.
+ExpertPlacement from_rank_sets(const std::vector<std::vector<int>>& held,
+                               const ExpertPlacement& current) {
+  std::vector<std::vector<int>> ranks(static_cast<size_t>(current.n_experts()));
+  for (size_t r = 0; r < held.size(); ++r)
+    for (int e : held[r]) ranks[static_cast<size_t>(e)].push_back(static_cast<int>(r));
+  for (int e = 0; e < current.n_experts(); ++e) {
+    std::vector<int>& rs = ranks[static_cast<size_t>(e)];
+    std::sort(rs.begin(), rs.end());
+    auto it = std::find(rs.begin(), rs.end(), current.owner(e));
+    if (it != rs.end()) std::rotate(rs.begin(), it, it + 1);
+  }
+  return ExpertPlacement::from_instances(ranks, static_cast<int>(held.size()));
+}
+
+// Few moves from `current` (same instances): while it lowers the larger of the two loads, move
+// one instance from the busiest to the least-loaded rank, or swap a hotter one there for a
+// cooler one (ties: the smaller share moved). Each step lowers the sum of squared rank loads,
+// so it ends.
+ExpertPlacement local_search(const std::vector<double>& load, const ExpertPlacement& current,
+                             int min_per) {
+  const int E = current.n_experts(), P = current.n_ranks();
+  std::vector<std::vector<int>> held(static_cast<size_t>(P));
+  for (int r = 0; r < P; ++r) held[r] = current.local_experts(r);
+  std::vector<double> share(static_cast<size_t>(E));
+  for (int e = 0; e < E; ++e) share[e] = load[e] / current.n_instances(e);
+  std::vector<double> rl = rank_loads(load, current);
+  auto holds = [&](int r, int e) {
+    return std::find(held[r].begin(), held[r].end(), e) != held[r].end();
+  };
+  for (int it = 0; it < 4 * (E + P); ++it) {
+    const int hi = static_cast<int>(std::max_element(rl.begin(), rl.end()) - rl.begin());
+    const int lo = static_cast<int>(std::min_element(rl.begin(), rl.end()) - rl.begin());
+    if (hi == lo) break;
+    double best = rl[hi] * (1 - 1e-12), best_moved = 0;
+    int bx = -1, by = -1;  // by = -1: a move, not a swap
+    auto consider = [&](int x, int y) {
+      const double d = share[x] - (y >= 0 ? share[y] : 0.0);
+      const double m = std::max(rl[hi] - d, rl[lo] + d);
+      const double moved = share[x] + (y >= 0 ? share[y] : 0.0);
+      if (m < best || (bx >= 0 && m == best && moved < best_moved)) {
+        best = m, best_moved = moved, bx = x, by = y;
+      }
+    };
+    for (int x : held[hi]) {
+      if (holds(lo, x)) continue;
+      if (static_cast<int>(held[hi].size()) > min_per) consider(x, -1);
+      for (int y : held[lo])
+        if (!holds(hi, y) && share[x] > share[y]) consider(x, y);
+    }
+    if (bx < 0) break;
+    held[hi].erase(std::find(held[hi].begin(), held[hi].end(), bx));
+    held[lo].push_back(bx);
+    rl[hi] -= share[bx];
+    rl[lo] += share[bx];
+    if (by >= 0) {
+      held[lo].erase(std::find(held[lo].begin(), held[lo].end(), by));
+      held[hi].push_back(by);
+      rl[lo] -= share[by];
+      rl[hi] += share[by];
+    }
+  }
+  return from_rank_sets(held, current);
+}
+
 }  // namespace
 
 double rank_imbalance(const std::vector<double>& load, const ExpertPlacement& placement) {
@@ -155,6 +220,18 @@ PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacem
     if (it != rs.end()) std::rotate(rs.begin(), it, it + 1);
   }
   ExpertPlacement next = ExpertPlacement::from_instances(ranks, P);
+  // With the same instances as now, a few moves from the current map often do as well: take
+  // them unless the fresh placement is better by min_gain.
+  bool same_instances = options.policy == RebalancePolicy::kLpt;
+  for (int e = 0; e < E && same_instances; ++e)
+    same_instances = n_inst[e] == current.n_instances(e);
+  if (same_instances) {
+    ExpertPlacement near = local_search(load, current, min_per);
+    const std::vector<double> a = rank_loads(load, next), b = rank_loads(load, near);
+    if (*std::max_element(b.begin(), b.end()) <=
+        *std::max_element(a.begin(), a.end()) * (1.0 + options.min_gain))
+      next = std::move(near);
+  }
   const std::vector<double> after = rank_loads(load, next);
   const double max_after = *std::max_element(after.begin(), after.end());
   // 4. Keep the current map unless the gain is worth a migration.

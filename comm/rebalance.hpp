@@ -21,7 +21,10 @@
 //      that minimum take them;
 //      replicate: primaries stay where they are, only the replicas are placed as above;
 //   3. the resulting bins are matched to ranks greedily by how many of their experts each rank
-//      already holds (ranks are interchangeable for the load), so little moves;
+//      already holds (ranks are interchangeable for the load), so little moves; and when the
+//      instance counts are those of the current map, a local search from it (single moves and
+//      swaps between the busiest and the least-loaded rank) is taken instead unless the fresh
+//      placement's maximum is lower by more than min_gain: fewer experts move;
 //   4. if the predicted maximum rank load does not drop by at least min_gain (relative), the
 //      current placement is kept.
 #pragma once

@@ -116,6 +116,18 @@ TEST(Rebalance, DeterministicAndIdempotent) {
   EXPECT_FALSE(plan_placement(load, a.placement, o).changed);
 }
 
+TEST(Rebalance, FewMovesFromTheCurrentMap) {
+  // Blocked on 4 ranks: r0 = {0, 1} carries 6, the others 2 each; the optimum is 3 per rank and
+  // three moves reach it (1 to r1, 2 to r2, 3 to r3), where a fresh placement moves more.
+  const ExpertPlacement cur = ExpertPlacement::blocked(8, 4);
+  const PlacementPlan plan = plan_placement({3, 3, 1, 1, 1, 1, 1, 1}, cur, RebalanceOptions{});
+  ASSERT_TRUE(plan.changed);
+  EXPECT_DOUBLE_EQ(plan.max_after, 3.0);
+  int moved = 0;
+  for (int e = 0; e < 8; ++e) moved += plan.placement.owner(e) != cur.owner(e);
+  EXPECT_EQ(moved, 3) << plan.placement.describe();
+}
+
 TEST(Rebalance, ParsePolicy) {
   EXPECT_EQ(moe::comm::parse_rebalance_policy("lpt"), RebalancePolicy::kLpt);
   EXPECT_THROW(moe::comm::parse_rebalance_policy("greedy"), Error);
