@@ -221,15 +221,22 @@ PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacem
   }
   ExpertPlacement next = ExpertPlacement::from_instances(ranks, P);
   // With the same instances as now, a few moves from the current map often do as well: take
-  // them unless the fresh placement is better by min_gain.
+  // them when they move no more experts, unless the fresh placement is better by min_gain.
   bool same_instances = options.policy == RebalancePolicy::kLpt;
   for (int e = 0; e < E && same_instances; ++e)
     same_instances = n_inst[e] == current.n_instances(e);
   if (same_instances) {
     ExpertPlacement near = local_search(load, current, min_per);
     const std::vector<double> a = rank_loads(load, next), b = rank_loads(load, near);
+    auto moves = [&](const ExpertPlacement& p) {
+      int n = 0;
+      for (int e = 0; e < E; ++e)
+        for (int r : p.instances(e)) n += current.slot_on(e, r) < 0;
+      return n;
+    };
     if (*std::max_element(b.begin(), b.end()) <=
-        *std::max_element(a.begin(), a.end()) * (1.0 + options.min_gain))
+            *std::max_element(a.begin(), a.end()) * (1.0 + options.min_gain) &&
+        moves(near) <= moves(next))
       next = std::move(near);
   }
   const std::vector<double> after = rank_loads(load, next);

@@ -23,8 +23,8 @@
 //   3. the resulting bins are matched to ranks greedily by how many of their experts each rank
 //      already holds (ranks are interchangeable for the load), so little moves; and when the
 //      instance counts are those of the current map, a local search from it (single moves and
-//      swaps between the busiest and the least-loaded rank) is taken instead unless the fresh
-//      placement's maximum is lower by more than min_gain: fewer experts move;
+//      swaps between the busiest and the least-loaded rank) is taken instead when it moves no
+//      more experts, unless the fresh placement's maximum is lower by more than min_gain;
 //   4. if the predicted maximum rank load does not drop by at least min_gain (relative), the
 //      current placement is kept.
 #pragma once
