@@ -88,6 +88,7 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
   if (placement.n_ranks() != P)
     throw Error(ErrorKind::kConfig, cat("dispatch plan: placement is for ", placement.n_ranks(),
                                         " ranks, communicator has ", P));
+  if (placement.has_replicas()) return build_replicated(routing, placement, options, comm);
   const int64_t T = routing.n_tokens;
   const int k = routing.k;
   const int64_t S = T * k;
@@ -297,6 +298,54 @@ DispatchPlan DispatchPlan::build(const RoutingView& routing, const ExpertPlaceme
   }
   st.expert_imbalance = max_over_mean(st.expert_tokens);
   st.rank_imbalance = max_over_mean(st.rank_tokens);
+  return plan;
+}
+
+// Replicas: every expert instance becomes an expert of its own ("instance" ids in (rank, slot)
+// order, so the instance placement has the same local slots), each slot is sent to one instance
+// of its expert, and the statistics are summed back per expert. On this rank, the i-th slot (in
+// (token, slot) order) routed to expert e goes to instance (i + rank) mod n_instances(e): an
+// equal share per instance, decided from the slot order alone, so forward and backward agree.
+DispatchPlan DispatchPlan::build_replicated(const RoutingView& routing,
+                                            const ExpertPlacement& placement,
+                                            const PlanOptions& options, const Communicator& comm) {
+  const int P = comm.size(), me = comm.rank();
+  const int E = placement.n_experts();
+  if (options.capacity_factor > 0.0)
+    throw Error(ErrorKind::kConfig,
+                "dispatch plan: expert replicas need dropless routing (model.moe.capacity_factor "
+                "0); set comm.rebalance.replicas to 0 or drop the capacity factor");
+  std::vector<int> rank_first(static_cast<size_t>(P) + 1, 0);
+  for (int r = 0; r < P; ++r) rank_first[r + 1] = rank_first[r] + placement.n_local(r);
+  const int n_inst = rank_first[P];
+  std::vector<int> inst_owner(static_cast<size_t>(n_inst));
+  for (int r = 0; r < P; ++r)
+    for (int i = rank_first[r]; i < rank_first[r + 1]; ++i) inst_owner[i] = r;
+  const ExpertPlacement instances = ExpertPlacement::from_owners(inst_owner, P);
+
+  const int64_t S = routing.n_tokens * routing.k;
+  std::vector<int32_t> inst(static_cast<size_t>(std::max<int64_t>(S, 0)));
+  std::vector<int64_t> seen(static_cast<size_t>(E), 0);
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t e = routing.expert[s];
+    if (e < 0 || e >= E) {  // empty (-1) stays empty; out of range stays out of range (reported)
+      inst[s] = e < 0 ? e : n_inst + e;
+      continue;
+    }
+    const std::vector<int>& rs = placement.instances(e);
+    const size_t i = static_cast<size_t>((seen[e]++ + me) % static_cast<int64_t>(rs.size()));
+    inst[s] = rank_first[rs[i]] + placement.slot_on(e, rs[i]);
+  }
+  RoutingView rv = routing;
+  rv.expert = inst.data();
+  DispatchPlan plan = build(rv, instances, options, comm);
+  LoadStats& st = plan.stats_;
+  std::vector<int64_t> per_expert(static_cast<size_t>(E), 0);
+  for (int r = 0; r < P; ++r)
+    for (int sl = 0; sl < placement.n_local(r); ++sl)
+      per_expert[placement.local_experts(r)[sl]] += st.expert_tokens[rank_first[r] + sl];
+  st.expert_tokens = std::move(per_expert);
+  st.expert_imbalance = max_over_mean(st.expert_tokens);
   return plan;
 }
 

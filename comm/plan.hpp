@@ -68,6 +68,9 @@ struct SendBlock {
 
 class DispatchPlan {
  public:
+  // With replicas (placement.has_replicas()), each slot goes to one instance of its expert,
+  // chosen from this rank's slot order (plan.cpp: build_replicated), and the statistics stay per
+  // expert; capacity mode then is an Error(kConfig).
   // Collective over comm: exchanges counts (MPI_Alltoall), sums them over lower ranks
   // (MPI_Exscan, for send_blocks) and, in capacity mode, the slot metadata needed for the global
   // drop decision. Dropless with a small count matrix (P x P x E_l up to 16k counts: decode
@@ -112,6 +115,8 @@ class DispatchPlan {
   int64_t token_offset() const { return token_offset_; }
 
  private:
+  static DispatchPlan build_replicated(const RoutingView& routing, const ExpertPlacement& placement,
+                                       const PlanOptions& options, const Communicator& comm);
   int64_t n_tokens_ = 0;
   int k_ = 0;
   std::vector<int64_t> send_slot_, send_counts_, send_displs_, recv_counts_, recv_displs_;

@@ -3,7 +3,7 @@
 //   moe-plan --config cfg.yaml [--set k=v] --nodes 1,8,64,512 --alpha 2e-6 --beta 12.5e9
 //            [--ranks-per-node R] [--threads T] [--cores-per-node C] [--mode weak|strong|both]
 //            [--gflops G | --gflops measured | --rates moe-bench-gemm.json]
-//            [--alpha-intra S] [--beta-intra B] [--mem-gbs G] [--imbalance F]
+//            [--alpha-intra S] [--beta-intra B] [--mem-gbs G] [--imbalance F] [--rebalance R]
 //            [--other-us-per-token U] [--micro-batch M] [--global-batch G] [--vocab V]
 //   moe-plan --config cfg.yaml --validate runs/scaling/scaling.csv [same rate/network flags]
 // Runs on one process, no MPI launch needed. "measured" times BLIS at the model's own GEMM
@@ -168,6 +168,7 @@ struct Options {
   std::string gflops = "measured", rates_file, validate;
   std::string beta_intra = "measured", mem_gbs = "measured";
   double imbalance = 1.0, other_us_per_token = 0;
+  int rebalance = -1;  // --rebalance R: replicas per layer; -1 = off
   int64_t micro_batch = 0, global_batch = 0, vocab = 0;
   mm::NetworkParams net;
 };
@@ -308,6 +309,7 @@ int plan(const moe::Config& config, const Options& o) {
         c.mode = mode;
         c.layout = l;
         c.ok = workload(mode, l.ranks(), micro, global, o.imbalance, &c.work, &c.why);
+        c.work.rebalance_replicas = o.rebalance;
         cases.push_back(c);
       }
     }
@@ -352,6 +354,11 @@ int plan(const moe::Config& config, const Options& o) {
   std::printf("; memory %.1f GB/s%s; other %.3g us/token; expert imbalance %s\n",
               other.mem_bytes_per_s / 1e9, o.mem_gbs == "measured" ? " (measured copy)" : "",
               o.other_us_per_token, o.validate.empty() ? cat(o.imbalance).c_str() : "from the CSV");
+  if (o.rebalance >= 0)
+    std::printf(
+        "rebalancing: greedy LPT placement with up to %d replica(s) per MoE layer "
+        "(comm.rebalance); load = busiest rank's expert load over the mean\n",
+        o.rebalance);
   std::printf(
       "network: between nodes alpha %.3g s, beta %.3g B/s; inside a node alpha %.3g s, "
       "beta %.3g B/s%s\n",
@@ -428,9 +435,10 @@ int plan(const moe::Config& config, const Options& o) {
                     ? cat(micro, " sequences x ", T, " tokens per rank").c_str()
                     : cat("global batch ", global, " sequences x ", T, " tokens").c_str(),
                 o.ranks_per_node, o.threads);
-    std::printf("%6s %6s %8s | %9s %9s %9s %9s %9s | %9s %9s | %10s %10s | %5s %5s\n", "nodes",
-                "ranks", "tok/rank", "compute", "experts", "a2a flat", "a2a hier", "allreduce",
-                "step flat", "step hier", "tok/s flat", "tok/s hier", "eff f", "eff h");
+    std::printf("%6s %6s %8s | %9s %9s %9s %9s %9s | %9s %9s | %10s %10s | %5s %5s | %5s %4s\n",
+                "nodes", "ranks", "tok/rank", "compute", "experts", "a2a flat", "a2a hier",
+                "allreduce", "step flat", "step hier", "tok/s flat", "tok/s hier", "eff f", "eff h",
+                "load", "repl");
     // Efficiency against the first feasible row (the smallest node count given).
     const mm::StepPrediction* base = nullptr;
     std::vector<mm::StepPrediction> preds;
@@ -451,13 +459,14 @@ int plan(const moe::Config& config, const Options& o) {
       const double scale = static_cast<double>(c.layout.ranks()) / base->ranks;
       const double eff_f = p.tokens_per_s_flat / (scale * base->tokens_per_s_flat);
       const double eff_h = p.tokens_per_s_hier / (scale * base->tokens_per_s_flat);
-      std::printf("%6d %6d %8s | %9s %9s %9s %9s %9s | %9s %9s | %10s %10s | %5.2f %5.2f\n",
-                  c.layout.nodes, c.layout.ranks(), count(p.tokens_per_rank).c_str(),
-                  secs(p.compute_s).c_str(), secs(p.expert_s * p.oversubscription).c_str(),
-                  secs(p.a2a_flat_s).c_str(), secs(std::min(p.a2a_hier_s, p.a2a_hier2d_s)).c_str(),
-                  secs(p.allreduce_s).c_str(), secs(p.step_flat_s).c_str(),
-                  secs(p.step_hier_s).c_str(), count(p.tokens_per_s_flat).c_str(),
-                  count(p.tokens_per_s_hier).c_str(), eff_f, eff_h);
+      std::printf(
+          "%6d %6d %8s | %9s %9s %9s %9s %9s | %9s %9s | %10s %10s | %5.2f %5.2f | %5.2f %4d\n",
+          c.layout.nodes, c.layout.ranks(), count(p.tokens_per_rank).c_str(),
+          secs(p.compute_s).c_str(), secs(p.expert_s * p.oversubscription).c_str(),
+          secs(p.a2a_flat_s).c_str(), secs(std::min(p.a2a_hier_s, p.a2a_hier2d_s)).c_str(),
+          secs(p.allreduce_s).c_str(), secs(p.step_flat_s).c_str(), secs(p.step_hier_s).c_str(),
+          count(p.tokens_per_s_flat).c_str(), count(p.tokens_per_s_hier).c_str(), eff_f, eff_h,
+          p.expert_load, p.replicas);
     }
   }
   std::printf(
@@ -509,6 +518,8 @@ int main(int argc, char** argv) {
         o.mem_gbs = value();
       } else if (a == "--imbalance") {
         o.imbalance = to_double(a, value(), 1);
+      } else if (a == "--rebalance") {
+        o.rebalance = static_cast<int>(to_int(a, value(), 0));
       } else if (a == "--other-us-per-token") {
         o.other_us_per_token = to_double(a, value(), 0);
       } else if (a == "--micro-batch") {
@@ -526,7 +537,7 @@ int main(int argc, char** argv) {
             "                [--mode weak|strong|both] [--micro-batch M] [--global-batch G]\n"
             "                [--alpha S] [--beta B/s] [--alpha-intra S] [--beta-intra B/s]\n"
             "                [--gflops G|measured] [--rates moe-bench-gemm.json] [--mem-gbs G]\n"
-            "                [--imbalance F] [--other-us-per-token U] [--vocab V]\n"
+            "                [--imbalance F] [--rebalance R] [--other-us-per-token U] [--vocab V]\n"
             "                [--validate scaling.csv]\n");
         return 0;
       } else {

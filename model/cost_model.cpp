@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "comm/rebalance.hpp"
 #include "runtime/error.hpp"
 
 namespace moe::model {
@@ -71,6 +72,29 @@ double allreduce_ring_seconds(const NetworkParams& net, int nodes, int rpn, doub
   const double alpha = across ? net.alpha : net.alpha_intra;
   const double beta = across ? net.beta : net.beta_intra;
   return 2 * (P - 1) / P * bytes / beta + 2 * (P - 1) * alpha;
+}
+
+RebalancedLoad rebalanced_load_factor(double imbalance, int n_experts, int n_ranks, int replicas) {
+  MOE_CHECK(n_experts >= n_ranks && n_ranks >= 1, "rebalanced_load_factor: ", n_experts,
+            " experts over ", n_ranks, " ranks");
+  const double E = n_experts, hot = std::clamp(imbalance, 1.0, E);
+  std::vector<double> load(static_cast<size_t>(n_experts), E > 1 ? (E - hot) / (E - 1) : 1.0);
+  load[0] = hot;
+  comm::RebalanceOptions o;
+  o.replicas = replicas;
+  o.min_gain = 0.0;
+  const comm::PlacementPlan plan =
+      comm::plan_placement(load, comm::ExpertPlacement::blocked(n_experts, n_ranks), o);
+  RebalancedLoad out;
+  out.load = plan.imbalance_after > 0 ? plan.imbalance_after : 1.0;
+  out.replicas = plan.placement.n_replicas();
+  out.rank_groups.assign(static_cast<size_t>(n_ranks), 0);
+  for (int e = 0; e < n_experts; ++e)
+    if (plan.placement.n_instances(e) > 1) {
+      out.group_sizes.push_back(plan.placement.n_instances(e));
+      for (int r : plan.placement.instances(e)) ++out.rank_groups[static_cast<size_t>(r)];
+    }
+  return out;
 }
 
 double rank_load_factor(double imbalance, int n_experts, int n_experts_local) {
@@ -178,6 +202,12 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
   // The busiest rank's experts: average rows when El = E / P exactly, scaled by the load of its
   // experts (and by El x P / E when the experts do not divide evenly, already in El).
   p.expert_load = El > 0 ? rank_load_factor(work.load_factor, E, El) : 1.0;
+  RebalancedLoad rb;
+  if (El > 0 && work.rebalance_replicas >= 0 && P > 1) {
+    rb = rebalanced_load_factor(work.load_factor, E, P, work.rebalance_replicas);
+    p.expert_load = rb.load;
+    p.replicas = rb.replicas;
+  }
   p.expert_s *= p.expert_load;
   const double local_params = dense_params() + El * expert_params();
   p.optimizer_s = local_params * other.optimizer_bytes_per_param / other.mem_bytes_per_s;
@@ -205,6 +235,16 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
                      n_counts * alltoall_hier2d_seconds(net, N, R, counts_bytes);
   }
   p.allreduce_s = P > 1 ? allreduce_ring_seconds(net, N, R, 4.0 * dense_params()) : 0.0;
+  // Replica gradient sums: the busiest rank's groups (each of the largest size, an upper bound).
+  if (!rb.group_sizes.empty()) {
+    const double g = *std::max_element(rb.group_sizes.begin(), rb.group_sizes.end());
+    const double alpha = N > 1 ? net.alpha : net.alpha_intra;
+    const double beta = N > 1 ? net.beta : net.beta_intra;
+    const double one = 2 * (g - 1) / g * 4.0 * expert_params() / beta + 2 * (g - 1) * alpha;
+    const int groups = *std::max_element(rb.rank_groups.begin(), rb.rank_groups.end());
+    p.replica_allreduce_s = one * groups * c.n_moe_layers();
+    p.allreduce_s += p.replica_allreduce_s;
+  }
 
   p.step_flat_s = p.compute_s + p.a2a_flat_s + p.allreduce_s;
   p.step_hier_s = p.compute_s + std::min(p.a2a_hier_s, p.a2a_hier2d_s) + p.allreduce_s;

@@ -23,6 +23,12 @@
 //   backward, so this is an upper bound there).
 // - The ranks of a node share its network link, and oversubscribed cores (R x threads > cores)
 //   slow compute by R x threads / cores.
+// - Rebalancing (Workload::rebalance_replicas >= 0): the planner of comm/rebalance.hpp runs on
+//   the same one-hot-expert loads from the blocked placement; the busiest rank's expert time
+//   scales with its planned load, and each replicated expert adds, once per step and MoE
+//   block, a ring all-reduce of its gradients over its g instances,
+//   2 (g-1)/g bytes / beta + 2 (g-1) alpha (inter-node pair when there are several nodes). The
+//   migrations themselves (every comm.rebalance.every steps) are not modelled.
 #pragma once
 
 #include <cstdint>
@@ -81,6 +87,9 @@ struct Workload {
   int64_t micro_batch = 1;   // sequences per rank per micro-step
   int64_t accumulation = 1;  // micro-steps per optimiser step
   double load_factor = 1.0;  // max/mean expert load (1 = balanced)
+  // Run-time rebalancing (comm.rebalance): -1 = off (blocked placement); R >= 0 = re-placed by
+  // the planner (comm::plan_placement, policy lpt) with up to R replicas per MoE layer.
+  int rebalance_replicas = -1;
 };
 
 // One GEMM of the forward pass, per micro-step per rank: `count` calls of [m, k] x [k, n].
@@ -97,6 +106,8 @@ struct StepPrediction {
   int64_t tokens_per_rank = 0;      // per optimiser step
   double oversubscription = 1;      // compute slow-down
   double expert_load = 1;           // busiest rank's expert load over the mean
+  int replicas = 0;                 // replica instances per MoE layer (rebalancing)
+  double replica_allreduce_s = 0;   // per step: the busiest rank's replica gradient sums
   double dense_s = 0;               // attention projections, dense FFNs, router, LM head
   double attention_s = 0;           // QK^T and PV
   double expert_s = 0;              // expert GEMMs on the busiest rank
@@ -157,5 +168,15 @@ double allreduce_ring_seconds(const NetworkParams& net, int nodes, int rpn, doub
 // Busiest rank's expert load over the mean when experts have max/mean load `imbalance` and each
 // rank holds E_l of E: one hot expert, the others sharing the rest evenly. 1 when E_l = E.
 double rank_load_factor(double imbalance, int n_experts, int n_experts_local);
+
+// The same after rebalancing over P ranks with up to `replicas` replicas (the planner of
+// comm/rebalance.hpp on those loads): the busiest rank's load over the mean, and the placement.
+struct RebalancedLoad {
+  double load = 1;
+  int replicas = 0;
+  std::vector<int> group_sizes;  // instances of each replicated expert
+  std::vector<int> rank_groups;  // [P] replica groups each rank belongs to
+};
+RebalancedLoad rebalanced_load_factor(double imbalance, int n_experts, int n_ranks, int replicas);
 
 }  // namespace moe::model

@@ -98,10 +98,16 @@ std::vector<ParamRef> ExpertBank::params() {
   std::vector<ParamRef> out;
   for (int e = 0; e < n_local(); ++e) {
     const std::string p = cat("expert.", global_ids_[e], ".");
-    out.push_back({p + "w1", w1(e), dw1(e)});
-    out.push_back({p + "w2", w2(e), dw2(e)});
+    out.push_back({p + "w1", w1(e), dw1(e), nullptr, is_replica(e)});
+    out.push_back({p + "w2", w2(e), dw2(e), nullptr, is_replica(e)});
   }
   return out;
+}
+
+void ExpertBank::set_replicas(std::vector<uint8_t> replica) {
+  MOE_CHECK(replica.empty() || static_cast<int>(replica.size()) == n_local(),
+            "expert bank: ", replica.size(), " replica flags for ", n_local(), " experts");
+  replica_ = std::move(replica);
 }
 
 void ExpertBank::zero_grad() {

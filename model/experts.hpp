@@ -52,6 +52,10 @@ class ExpertBank {
   int n_local() const { return static_cast<int>(global_ids_.size()); }
   Activation activation() const { return act_; }
   const std::vector<int>& global_ids() const { return global_ids_; }
+  // Which local slots are replicas of an expert whose primary lives elsewhere (all false unless
+  // set; see ParamRef::replica). [E_l]
+  void set_replicas(std::vector<uint8_t> replica);
+  bool is_replica(int e) const { return !replica_.empty() && replica_[static_cast<size_t>(e)]; }
 
   // x [R, d] rows grouped by offsets [E_l + 1] -> y [R, d]. Fills cache; x must stay valid
   // until backward(). Local; OpenMP inside (call from serial code).
@@ -65,7 +69,8 @@ class ExpertBank {
   View w2(int e) { return w2_.slab(e); }
   View dw1(int e) { return dw1_.slab(e); }
   View dw2(int e) { return dw2_.slab(e); }
-  // Named by global id: "expert.<id>.w1" ([Wg | Wu] for SwiGLU), "expert.<id>.w2".
+  // Named by global id: "expert.<id>.w1" ([Wg | Wu] for SwiGLU), "expert.<id>.w2"; replica
+  // slots are flagged (ParamRef::replica).
   std::vector<ParamRef> params();
   void zero_grad();
 
@@ -82,10 +87,11 @@ class ExpertBank {
 
   int64_t d_, f_, f1_;
   Activation act_;
-  std::vector<int> global_ids_;  // [E_l]
-  Tensor w1_, dw1_;              // [E_l, d, f1]
-  Tensor w2_, dw2_;              // [E_l, f, d]
-  std::vector<Tensor> scratch_;  // per thread: [block rows, f] dL/da
+  std::vector<int> global_ids_;   // [E_l]
+  std::vector<uint8_t> replica_;  // [E_l] or empty (no replicas)
+  Tensor w1_, dw1_;               // [E_l, d, f1]
+  Tensor w2_, dw2_;               // [E_l, f, d]
+  std::vector<Tensor> scratch_;   // per thread: [block rows, f] dL/da
 };
 
 }  // namespace moe::model

@@ -18,6 +18,7 @@ CheckpointEntries checkpoint_entries(Transformer& model,
   for (const Transformer::ExpertBankRef& ref : model.expert_banks()) {
     ExpertBank& bank = *ref.bank;
     for (int e = 0; e < bank.n_local(); ++e) {
+      if (bank.is_replica(e)) continue;  // written once, by the primary instance
       const int gid = bank.global_ids()[static_cast<size_t>(e)];
       const std::string prefix = cat(ref.prefix, "expert.", gid, ".");
       checkpoint::ExpertEntry x;

@@ -4,7 +4,8 @@
 // Dense tensors (replicated parameters, then buffers such as topk_bias router biases and PEER
 // batch-norm statistics, which have no optimiser state) are stored once by name; expert tensors
 // by (layer, global id): each ExpertBank's experts ("w1", "w2"), and PEER tables as blocks of
-// n_sub_keys rows ("u", "v"), so any rank count reads them back.
+// n_sub_keys rows ("u", "v"), so any rank count reads them back. Replica instances of an expert
+// (comm.rebalance.replicas) are left out: the primary writes the expert once.
 #pragma once
 
 #include <functional>

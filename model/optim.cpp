@@ -24,15 +24,23 @@ AdamW::AdamW(AdamWOptions options) : options_(options) {
 }
 
 size_t AdamW::add(const ParamRef& param, bool decay) {
+  const int64_t rows = std::max<int64_t>(param.value.rows, 1);
+  AdamState state;
+  state.m = Tensor::zeros({rows, param.value.cols});
+  state.v = Tensor::zeros({rows, param.value.cols});
+  return add(param, decay, std::move(state));
+}
+
+size_t AdamW::add(const ParamRef& param, bool decay, AdamState state) {
   MOE_CHECK(find(param.name) < 0, "parameter '", param.name, "' registered twice");
   MOE_CHECK(param.grad.rows == param.value.rows && param.grad.cols == param.value.cols,
             "parameter '", param.name, "': grad [", param.grad.rows, ", ", param.grad.cols,
             "] vs value [", param.value.rows, ", ", param.value.cols, "]");
-  Slot s{param, decay, {}};
   const int64_t rows = std::max<int64_t>(param.value.rows, 1);
-  s.state.m = Tensor::zeros({rows, param.value.cols});
-  s.state.v = Tensor::zeros({rows, param.value.cols});
-  slots_.push_back(std::move(s));
+  MOE_CHECK(state.m.view().rows == rows && state.m.view().cols == param.value.cols &&
+                state.v.view().rows == rows && state.v.view().cols == param.value.cols,
+            "parameter '", param.name, "': moments of another shape");
+  slots_.push_back(Slot{param, decay, std::move(state)});
   return slots_.size() - 1;
 }
 

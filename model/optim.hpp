@@ -50,6 +50,9 @@ class AdamW {
   // moments. Names must be unique. Returns its index.
   size_t add(const ParamRef& param, bool decay);
   size_t add(const ParamRef& param) { return add(param, decays_by_default(param.name)); }
+  // The same, adopting a state (moments of the parameter's shape and its step count), e.g.
+  // carried over from another optimiser when experts move (model/rebalance.hpp).
+  size_t add(const ParamRef& param, bool decay, AdamState state);
   void add(const std::vector<ParamRef>& params) {
     for (const ParamRef& p : params) add(p);
   }

@@ -22,6 +22,10 @@ struct ParamRef {
   // Row-sparse gradient (the PEER tables): only these rows of grad may be non-zero, and the
   // optimiser updates only them. nullptr: dense.
   const std::vector<int64_t>* sparse_rows = nullptr;
+  // A replica instance of an expert (comm/placement.hpp, comm.rebalance.replicas): updated like
+  // any parameter from the gradient summed over its instances, but the gradient norm and
+  // checkpoints count only the primary instance.
+  bool replica = false;
 };
 
 // A stream id from a tag and an index, e.g. init_stream("expert.w1", global_id).

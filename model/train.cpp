@@ -14,6 +14,7 @@
 #include "comm/allreduce.hpp"
 #include "model/model_checkpoint.hpp"
 #include "model/optim.hpp"
+#include "model/rebalance.hpp"
 #include "model/single_gate_train.hpp"
 #include "model/transformer.hpp"
 #include "runtime/checkpoint.hpp"
@@ -45,6 +46,13 @@ double current_rss_mb() {
   double pages = 0, resident = 0;
   if (!(statm >> pages >> resident)) return 0.0;
   return resident * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+// max / mean of per-rank loads (0 when nothing was routed).
+double max_over_mean(const std::vector<int64_t>& v) {
+  int64_t total = 0, mx = 0;
+  for (int64_t x : v) total += x, mx = std::max(mx, x);
+  return total > 0 ? static_cast<double>(mx) * static_cast<double>(v.size()) / total : 0.0;
 }
 
 // The held-out set is drawn from its own stream, the same for every step and rank count.
@@ -200,8 +208,13 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                    const comm::Communicator& comm) {
   const int rank = comm.rank(), P = comm.size();
   install_stop_signal_handlers();  // idempotent; moe-train installs them before MPI start-up
-  if (config.get_string("model.moe.router") == "single_gate")
+  if (config.get_string("model.moe.router") == "single_gate") {
+    if (config.get_int("comm.rebalance.every") > 0)
+      throw Error(ErrorKind::kConfig,
+                  "comm.rebalance.every > 0 is not supported with model.moe.router single_gate; "
+                  "set comm.rebalance.every to 0");
     return train_single_gate(config, options, comm);  // its own model class and phases
+  }
   Run run = start_run(config, rank, P, "moe-train");
   const Shape shape = batch_shape(config, P);
   const uint64_t seed = static_cast<uint64_t>(config.get_int("train.seed"));
@@ -232,9 +245,16 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   ao.beta2 = config.get_float("train.beta2");
   ao.eps = config.get_float("train.eps");
   ao.weight_decay = config.get_float("train.weight_decay");
-  AdamW opt(ao);
+  // Two optimisers, one update: dense parameters, and the expert parameters (which a
+  // re-placement rebuilds, model/rebalance.hpp). The update is element-wise, so the split
+  // changes no value.
+  AdamW opt(ao), expert_opt(ao);
   for (const ParamRef& p : model.dense_params()) opt.add(p, !model.no_decay(p.name));
-  for (const ParamRef& p : model.expert_params()) opt.add(p, true);
+  for (const ParamRef& p : model.expert_params()) expert_opt.add(p, true);
+  const RebalanceConfig rebalance_config = RebalanceConfig::from(config);
+  std::unique_ptr<ExpertRebalancer> rebalancer;
+  if (rebalance_config.enabled() && mc->n_moe_layers() > 0)
+    rebalancer = std::make_unique<ExpertRebalancer>(rebalance_config, model, comm);
   LrSchedule schedule;
   schedule.lr = config.get_float("train.lr");
   schedule.min_lr = config.get_float("train.min_lr");
@@ -250,21 +270,30 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     dense_grads.push_back(p.grad);
     dense_cgrads.push_back(p.grad);
   }
-  for (const ParamRef& p : model.expert_params()) {
-    expert_cgrads.push_back(p.grad);
-    expert_rows.push_back(p.sparse_rows);
-  }
+  // Expert gradients for the global norm: each expert once (replicas are left out).
+  auto collect_expert_grads = [&] {
+    expert_cgrads.clear();
+    expert_rows.clear();
+    for (const ParamRef& p : model.expert_params()) {
+      if (p.replica) continue;
+      expert_cgrads.push_back(p.grad);
+      expert_rows.push_back(p.sparse_rows);
+    }
+  };
+  collect_expert_grads();
   comm::AllReduceOptions ro;
   ro.bucket_bytes = static_cast<int64_t>(config.get_float("comm.bucket_mb") * (1 << 20));
   ro.average = false;  // the loss is already normalised by the global token count
   comm::GradientAllReducer reducer(comm, dense_grads, ro);
 
   // Checkpoint entries: dense tensors once, experts by (block, global id), with their moments.
-  CheckpointEntries entries = checkpoint_entries(model, [&](const std::string& name) -> AdamState& {
-    int64_t i = opt.find(name);
+  auto adam_state = [&](const std::string& name) -> AdamState& {
+    if (int64_t i = opt.find(name); i >= 0) return opt.state(static_cast<size_t>(i));
+    int64_t i = expert_opt.find(name);
     MOE_CHECK(i >= 0, "optimiser lacks ", name);
-    return opt.state(static_cast<size_t>(i));
-  });
+    return expert_opt.state(static_cast<size_t>(i));
+  };
+  CheckpointEntries entries = checkpoint_entries(model, adam_state);
   std::vector<checkpoint::TensorEntry>& dense_entries = entries.dense;
   std::vector<checkpoint::ExpertEntry>& expert_entries = entries.experts;
   // An empty checkpoint.dir means <run.dir>/checkpoints.
@@ -330,6 +359,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   summary.first_step = start_step;
   std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
   double time_sum = 0, tokens_sum = 0, exchange_sum = 0, imbalance_sum = 0;
+  double rank_imbalance_sum = 0;
   RouterHealth health(model);
   int64_t steps_done = 0, steps_skipped = 0;
   const int64_t peer_usage_window = config.get_int("model.peer.usage_window");
@@ -347,6 +377,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                           : std::function<void(size_t)>());
       ModelStats st = model.stats();
       health.add(model);
+      if (rebalancer) rebalancer->observe(model);
       aux += st.aux_loss / shape.accumulation;
       lb += st.load_balance_loss / shape.accumulation;
       z += st.z_loss / shape.accumulation;
@@ -355,6 +386,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       exch += st.exchange_seconds;
     }
     reducer.finish();
+    if (rebalancer) rebalancer->sum_replica_grads(model);  // replicas: one gradient per expert
     const double loss = comm.sum(loss_local, "loss");
     const double t_norm = now_s();
     const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm, expert_rows);
@@ -364,11 +396,34 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       ++steps_skipped;
     } else {
       // Clipping inside the update: one pass over parameters, gradients and moments.
-      opt.step(lr, clip_factor(norm, config.get_float("train.grad_clip")));
+      const float clip = clip_factor(norm, config.get_float("train.grad_clip"));
+      opt.step(lr, clip);
+      expert_opt.step(lr, clip);
     }
     const double norm_seconds = now_s() - t_norm;  // global norm, clipping and the update
     model.end_step(!skipped);                      // router bias updates (topk_bias)
     const auto [dead_experts, router_kl] = health.end_step(s);
+    // Expert load balance: this step's per-rank received slots (the exchange's statistics) and,
+    // with comm.rebalance, a re-placement every N steps.
+    std::vector<int64_t> rank_load(static_cast<size_t>(P), 0);
+    for (const MoeLayer* ml : model.moe_layers())
+      for (size_t q = 0; q < rank_load.size() && q < ml->stats().load.rank_tokens.size(); ++q)
+        rank_load[q] += ml->stats().load.rank_tokens[q];
+    const double rank_imbalance = max_over_mean(rank_load);
+    rank_imbalance_sum += rank_imbalance;
+    bool replaced = false;
+    if (rebalancer && rebalancer->end_step(s, model, expert_opt)) {
+      replaced = true;
+      collect_expert_grads();
+      entries = checkpoint_entries(model, adam_state);
+      const RebalanceEvent& ev = rebalancer->last_event();
+      log::info0("rebalance after step ", ev.step, ": ", ev.layers_changed, " layer(s), ",
+                 ev.experts_moved, " expert instance(s) moved (",
+                 static_cast<double>(ev.bytes_moved) / (1024.0 * 1024.0), " MiB, ", ev.seconds,
+                 " s, staging peak ", ev.peak_extra_mb, " MiB), ", ev.replicas,
+                 " replica(s); predicted imbalance ", ev.imbalance_before, " -> ",
+                 ev.imbalance_after, ", gain ", ev.predicted_gain, "x; ", ev.moves);
+    }
     imbalance_sum += imbalance;
     const double dt = now_s() - t0;
     const double tps = tokens_per_step / dt;
@@ -392,7 +447,24 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                           {"expert_imbalance", imbalance},
                           {"drop_rate", drop},
                           {"dead_experts", dead_experts},
-                          {"router_kl", router_kl}};
+                          {"router_kl", router_kl},
+                          {"rank_load", rank_load},
+                          {"rank_imbalance", rank_imbalance}};
+    if (rebalancer) {
+      rec["replicas"] = rebalancer->replicas();
+      rec["rebalances"] = rebalancer->rebalances();
+      if (replaced) {
+        const RebalanceEvent& ev = rebalancer->last_event();
+        rec["rebalance"] = {{"experts_moved", ev.experts_moved},
+                            {"bytes_moved", ev.bytes_moved},
+                            {"seconds", ev.seconds},
+                            {"predicted_imbalance_before", ev.imbalance_before},
+                            {"predicted_imbalance_after", ev.imbalance_after},
+                            {"predicted_gain", ev.predicted_gain},
+                            {"peak_extra_mb", ev.peak_extra_mb},
+                            {"moves", ev.moves}};
+      }
+    }
     if (skipped) rec["skipped"] = true;
     for (int l = 0; l < mc->n_layers; ++l)  // PEER usage since the last window boundary
       if (PeerLayer* peer = model.peer_layer(l)) {
@@ -423,6 +495,11 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       std::string line = format_progress(s + 1, total_steps, loss, aux, tps, eta);
       if (rec.contains("val_loss")) line += cat(" | val ", rec["val_loss"].get<double>());
       line += cat(" | mfu ", static_cast<int>(std::lround(mfu * 100)), "%");
+      if (mc->n_moe_layers() > 0 && P > 1) {
+        line += cat(" | imb ", std::lround(rank_imbalance * 100) / 100.0);
+        if (rebalancer)
+          line += cat(" | repl ", rebalancer->replicas(), " moves ", rebalancer->rebalances());
+      }
       log::info0(line);
     }
     // A stop signal (Slurm's --signal before the time limit, or SIGTERM) on any rank: all ranks
@@ -509,6 +586,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                          {"mfu", summary.mfu},
                          {"exchange_fraction", time_sum > 0 ? exchange_sum / time_sum : 0},
                          {"expert_imbalance_mean", steps_done ? imbalance_sum / steps_done : 0},
+                         {"rank_imbalance_mean", steps_done ? rank_imbalance_sum / steps_done : 0},
+                         {"rebalances", rebalancer ? rebalancer->rebalances() : 0},
                          {"dead_experts", health.last_dead()},
                          {"router_kl", health.run_kl()},
                          {"peak_gflops", job_peak},

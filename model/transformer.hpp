@@ -151,6 +151,9 @@ class Transformer {
   // Replicated parameters in the order backward finishes them; sharded expert parameters.
   const std::vector<ParamRef>& dense_params() const { return dense_; }
   const std::vector<ParamRef>& expert_params() const { return experts_; }
+  // Collects the parameter lists again after MoE layers replaced their expert banks
+  // (model/rebalance.hpp); dense_params() keeps its order and views. Local.
+  void refresh_params() { collect_params(); }
   // Names of the dense parameters that take no weight decay (norm gains).
   bool no_decay(const std::string& name) const;
   void zero_grad();
@@ -164,8 +167,9 @@ class Transformer {
   ActivationBytes activation_bytes() const;
   const ModelConfig& config() const { return config_; }
   // The blocked placement of model.moe.num_experts experts (UMoE attention, and MoE blocks
-  // unless model.moe.layer_experts gives each block its own count and
-  // blocked placement).
+  // unless model.moe.layer_experts gives each block its own count and blocked placement). It is
+  // the initial map only: with comm.rebalance each MoE layer may move to its own
+  // (MoeLayer::placement()).
   const comm::ExpertPlacement& placement() const { return placement_; }
   // The MoE layer of block l, or nullptr for a dense block.
   MoeLayer* moe_layer(int block);

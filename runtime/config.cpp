@@ -472,6 +472,46 @@ const std::vector<ConfigKey> kSchema = {
      "hierarchical = within each node, then across nodes (same ranks per node, "
      "model.moe.pipeline_chunks 1); auto = shared if possible, else hierarchical on several "
      "nodes of several ranks, else alltoallv"},
+    {"comm.rebalance.every",
+     T::kInt,
+     "0",
+     0,
+     1e9,
+     {},
+     "re-plan the expert placement every N optimiser steps from the moving average of each "
+     "expert's load (greedy longest-processing-time), migrating weights and AdamW state "
+     "point-to-point; 0 = off. Not with UMoE attention"},
+    {"comm.rebalance.replicas",
+     T::kInt,
+     "0",
+     0,
+     4096,
+     {},
+     "extra instances of hot experts per MoE layer when re-planning (an expert is replicated "
+     "while its share exceeds the mean rank load); replicas split the expert's tokens and sum "
+     "their gradients. Needs dropless routing and model.moe.pipeline_chunks 1"},
+    {"comm.rebalance.policy",
+     T::kString,
+     "lpt",
+     0,
+     0,
+     {"lpt", "replicate"},
+     "lpt = re-place all experts by load; replicate = keep every expert on its rank and only "
+     "add replicas of hot experts"},
+    {"comm.rebalance.ema_decay",
+     T::kFloat,
+     "0.9",
+     0,
+     0.999999,
+     {},
+     "decay of the per-expert load moving average (per optimiser step)"},
+    {"comm.rebalance.min_gain",
+     T::kFloat,
+     "0.05",
+     0,
+     100,
+     {},
+     "re-place only when the predicted maximum rank load drops by at least this fraction"},
     {"comm.ranks_per_node",
      T::kInt,
      "0",
@@ -481,6 +521,14 @@ const std::vector<ConfigKey> kSchema = {
      "ranks per node for the MoE exchange: 0 = detect (MPI shared-memory domains); N > 0 = "
      "consecutive blocks of N ranks form a node (must divide the rank count), e.g. to run "
      "several nodes' layout on one machine"},
+    {"bench.router_skew",
+     T::kFloat,
+     "0",
+     0,
+     1e6,
+     {},
+     "BENCHMARK KNOB: added to expert 0's selection score in the top-k routers (not to its "
+     "weight; the maths stays exact); >= 1 sends one slot of every token to expert 0. 0 = off"},
 };
 
 std::string trim(const std::string& s) {

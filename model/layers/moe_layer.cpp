@@ -36,6 +36,7 @@ std::unique_ptr<Router> make_router(const MoeConfig& c, int64_t d_model,
                 c.aux_loss_coef, c.z_loss_coef, c.global_balance};
   o.bias_balance = c.router == RouterKind::kTopKBias;
   o.bias_update_rate = c.bias_update_rate;
+  o.skew = c.router_skew;
   return std::make_unique<TopKRouter>(d_model, o, &comm, seed);
 }
 
@@ -105,6 +106,7 @@ MoeConfig MoeConfig::from(const Config& config) {
   c.router = parse_router_kind(config.get_string("model.moe.router"));
   c.bias_update_rate = config.get_float("model.moe.bias_update_rate");
   c.shared_experts = static_cast<int>(config.get_int("model.moe.shared_experts"));
+  c.router_skew = config.get_float("bench.router_skew");
   if (c.top_k > c.n_experts)
     throw Error(ErrorKind::kConfig, cat("model.moe.top_k = ", c.top_k,
                                         " exceeds model.moe.num_experts = ", c.n_experts));
@@ -206,6 +208,23 @@ std::vector<ParamRef> MoeLayer::params() {
     for (ParamRef& p : experts_->params()) out.push_back(std::move(p));
   for (ParamRef& p : out) p.name = name_ + "." + p.name;
   return out;
+}
+
+void MoeLayer::replace_experts(const comm::ExpertPlacement& next,
+                               std::unique_ptr<ExpertBank> bank) {
+  MOE_CHECK(own_experts_ != nullptr, name_, ": cannot re-place a borrowed expert bank");
+  MOE_CHECK(next.n_experts() == config_.n_experts && next.n_ranks() == comm_.size() && bank &&
+                bank->global_ids() == next.local_experts(comm_.rank()),
+            name_, ": the new expert bank does not match the new placement");
+  if (next.has_replicas() && (config_.pipeline_chunks > 1 || config_.capacity_factor > 0.0))
+    throw Error(ErrorKind::kConfig,
+                cat(name_,
+                    ": expert replicas need model.moe.pipeline_chunks 1 and dropless "
+                    "routing (capacity_factor 0)"));
+  placement_ = next;
+  own_experts_ = std::move(bank);
+  experts_ = own_experts_.get();
+  chunks_.clear();  // their caches point into the old bank's forward
 }
 
 void MoeLayer::zero_grad() {

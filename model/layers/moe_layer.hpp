@@ -98,6 +98,7 @@ struct MoeConfig {
   RouterKind router = RouterKind::kTopK;
   double bias_update_rate = 1e-3;  // topk_bias: gamma
   int shared_experts = 0;          // always-on experts of width d_ff, replicated
+  double router_skew = 0.0;        // bench.router_skew (top-k routers; benchmark only)
 
   static MoeConfig from(const Config& config);
 };
@@ -160,6 +161,11 @@ class MoeLayer {
   const comm::DispatchPlan& plan() const { return plan_; }
   Router& router() { return *router_; }
   ExpertBank& experts() { return *experts_; }
+  const comm::ExpertPlacement& placement() const { return placement_; }
+  // Re-placement (model/rebalance.hpp): from now on the layer runs `bank`, which must hold
+  // next.local_experts(rank) in slot order (replica slots flagged). Only for a layer that owns
+  // its experts. Local; every rank must switch to the same map before the next forward.
+  void replace_experts(const comm::ExpertPlacement& next, std::unique_ptr<ExpertBank> bank);
   bool owns_experts() const { return own_experts_ != nullptr; }
   const MoeConfig& config() const { return config_; }
   // The path config.exchange resolved to: kShared, kHierarchical or kAlltoallv.

@@ -72,6 +72,7 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
   c.weight.resize(T * k);
   const bool biased = options_.bias_balance;
   const float* bias = bias_.data();
+  const float skew = static_cast<float>(options_.skew);
 
   // Local statistics, reduced below in one all-reduce: [count E | prob sum E | z sum | T |
   // rank- or sequence-scope load-balancing loss sum | sequences].
@@ -89,7 +90,7 @@ void TopKRouter::run(ConstView x, RouteResult& out, bool global) {
       int32_t* ids = &c.expert[t * k];
       float* w = &c.weight[t * k];
       double sel = 0.0;
-      auto score = [&](int i) { return biased ? p[i] + bias[i] : p[i]; };
+      auto score = [&](int i) { return (biased ? p[i] + bias[i] : p[i]) + (i == 0 ? skew : 0.0f); };
       for (int j = 0; j < k; ++j) {
         int best = -1;
         for (int i = 0; i < E; ++i) {

@@ -59,6 +59,10 @@ struct TopKOptions {
   // Per-sequence statistics (see the top); overrides global_balance. The sequences of each
   // forward come from set_sequences().
   bool sequence_balance = false;
+  // Benchmark knob (bench.router_skew): added to expert 0's selection score only, like the
+  // balancing bias (its weight and the gradients are untouched, so the maths stays exact);
+  // >= 1 makes expert 0 take one slot of every token. 0 = off.
+  double skew = 0.0;
 };
 
 class TopKRouter final : public Router {

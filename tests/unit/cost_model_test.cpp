@@ -131,6 +131,34 @@ TEST(CostModel, ImbalanceSlowsExpertsOnly) {
   EXPECT_DOUBLE_EQ(b.a2a_flat_s, a.a2a_flat_s);
 }
 
+TEST(CostModel, RebalancingEvensTheLoadAndPaysForReplicas) {
+  // 8 experts, the hot one at 4x the mean (half of all slots): blocked on 2 ranks the busiest
+  // rank carries (4 + 3 x 4/7) / 4 of the mean; re-placed, the hot expert alone on one rank
+  // balances exactly, with no replica needed.
+  const RebalancedLoad two = rebalanced_load_factor(4.0, 8, 2, 2);
+  EXPECT_NEAR(rank_load_factor(4.0, 8, 4), (4 + 3 * 4.0 / 7) / 4, 1e-12);
+  EXPECT_DOUBLE_EQ(two.load, 1.0);
+  EXPECT_EQ(two.replicas, 0);
+  // On 8 ranks the hot expert needs replicas: without them the busiest rank carries 4x.
+  EXPECT_DOUBLE_EQ(rebalanced_load_factor(4.0, 8, 8, 0).load, 4.0);
+  const RebalancedLoad eight = rebalanced_load_factor(4.0, 8, 8, 3);
+  EXPECT_EQ(eight.replicas, 3);
+  EXPECT_LT(eight.load, 1.5);
+  // In the prediction: the experts speed up, and the replicas add gradient all-reduces.
+  CostModel m(small_config(), 256);
+  Workload skew, rebal;
+  skew.micro_batch = rebal.micro_batch = 4;
+  skew.load_factor = rebal.load_factor = 4.0;
+  rebal.rebalance_replicas = 3;
+  const Layout l{8, 1, 1, 0};
+  StepPrediction a = m.predict(l, skew, GemmRates(50), simple_net(), OtherRates());
+  StepPrediction b = m.predict(l, rebal, GemmRates(50), simple_net(), OtherRates());
+  EXPECT_NEAR(b.expert_s / a.expert_s, eight.load / 4.0, 1e-12);
+  EXPECT_EQ(b.replicas, 3);
+  EXPECT_GT(b.replica_allreduce_s, 0.0);
+  EXPECT_DOUBLE_EQ(b.allreduce_s - b.replica_allreduce_s, a.allreduce_s);
+}
+
 TEST(CostModel, WeakScalingIsMonotonic) {
   CostModel m(small_config(1024), 256);
   Workload w;

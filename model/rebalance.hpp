@@ -1,0 +1,97 @@
+// File: rebalance.hpp — run-time expert re-placement and replication for the MoE layers of a
+// Transformer under training (`comm.rebalance`).
+//
+// Notation: P ranks, E experts per layer, N = comm.rebalance.every, R = comm.rebalance.replicas.
+//
+// Once per optimiser step the trainer calls, in this order:
+//   observe(model)            after each micro-step: the layers' global per-expert kept slots
+//                             (LoadStats, already reduced by the dispatch plan) feed an EMA
+//                             (comm::LoadTracker); no extra collective
+//   sum_replica_grads(model)  after backward, before the gradient norm: each replicated
+//                             expert's gradients are summed over its instances
+//                             (comm::ReplicaGroups), so every instance takes the same update
+//   end_step(s, model, opt)   after the optimiser step: every N steps, plan every MoE layer
+//                             (comm::plan_placement, identical on every rank), and if any map
+//                             changed, migrate the moved experts' weights and AdamW state (m, v,
+//                             step) point-to-point (comm::migrate_experts), swap in the new
+//                             expert banks, and rebuild `opt` over the new expert parameters
+// Rebalancing changes where experts live, never the mathematics: the same run with and without
+// it gives the same losses up to the summation order of replica gradients.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "comm/rebalance.hpp"
+#include "model/optim.hpp"
+#include "model/transformer.hpp"
+#include "runtime/config.hpp"
+
+namespace moe::model {
+
+// comm.rebalance.* (runtime/config.cpp documents every key).
+struct RebalanceConfig {
+  int64_t every = 0;  // 0 = off
+  double ema_decay = 0.9;
+  comm::RebalanceOptions plan;
+  bool enabled() const { return every > 0; }
+  static RebalanceConfig from(const Config& config);
+};
+
+// One re-placement, as every rank sees it (byte and expert counts are global sums).
+struct RebalanceEvent {
+  int64_t step = 0;  // after optimiser step `step` (1-based, as in the metrics)
+  int layers_changed = 0;
+  int experts_moved = 0;    // instances that arrived on a rank that did not hold them
+  int replicas = 0;         // replica instances over all layers after the move
+  int64_t bytes_moved = 0;  // weights + AdamW state sent, all ranks
+  double seconds = 0;       // planning + migration + rebuild (slowest rank)
+  double imbalance_before = 0, imbalance_after = 0;  // predicted, worst layer
+  double predicted_gain = 1;                         // max rank load before / after, worst layer
+  double peak_extra_mb = 0;  // staging of moved experts (one layer at a time), largest rank
+  std::string moves;         // "L0: 3 r0->r1, 5' r2; L1: ..." (' = a new replica)
+};
+
+class ExpertRebalancer {
+ public:
+  // Throws Error(kConfig) for what it cannot rebalance: UMoE attention experts
+  // (model.attention umoe), replicas with model.moe.pipeline_chunks > 1 or a capacity factor.
+  ExpertRebalancer(const RebalanceConfig& config, Transformer& model,
+                   const comm::Communicator& comm);
+
+  const RebalanceConfig& config() const { return config_; }
+  void observe(const Transformer& model);      // local
+  void sum_replica_grads(Transformer& model);  // collective
+  // True when the placement changed (last_event() then describes it). Collective.
+  bool end_step(int64_t s, Transformer& model, AdamW& expert_opt);
+  // Moves every MoE layer to next[i] (one map per MoE layer, in block order; unchanged maps move
+  // nothing): what end_step does after planning. `step` labels the event. Collective.
+  const RebalanceEvent& apply(int64_t step, Transformer& model, AdamW& expert_opt,
+                              const std::vector<comm::ExpertPlacement>& next);
+  const comm::ExpertPlacement& placement(int moe_layer) const {
+    return placement_[static_cast<size_t>(moe_layer)];
+  }
+  const RebalanceEvent& last_event() const { return event_; }
+  int64_t rebalances() const { return rebalances_; }
+  // Predicted per-rank load from the moving averages and the current maps, summed over layers,
+  // as max / mean (1 = even); and the slots each rank received in the last observed step. [P]
+  double predicted_imbalance() const;
+  // Replica instances over all layers.
+  int replicas() const;
+
+ private:
+  RebalanceConfig config_;
+  const comm::Communicator& comm_;
+  std::vector<int> blocks_;  // block index of each MoE layer
+  comm::LoadTracker tracker_;
+  std::vector<comm::ReplicaGroups> groups_;       // per MoE layer
+  std::vector<comm::ExpertPlacement> placement_;  // per MoE layer (also held by the layer)
+  RebalanceEvent event_;
+  int64_t rebalances_ = 0;
+};
+
+// Floats of migrated state per expert of a bank: w1, w2, their m and v, two step counters.
+int64_t expert_state_floats(const ExpertBank& bank);
+
+}  // namespace moe::model
