@@ -135,6 +135,25 @@ class Service {
             {"choices", json::array({c})}};
   }
 
+  // A token's event is chunk(id, text, nullptr) with "token_id" added to its choice, as
+  // dump() writes it (keys sorted): "data: {"choices":[{...,"token_id":N}],<tail>\n\n. The
+  // part after the choices is the same for every event of a request; it is made once
+  // (event_tail) so that a token costs one escaped string instead of a JSON tree.
+  std::string event_tail(const std::string& id) const {
+    json c = chunk(id, "", nullptr);
+    c.erase("choices");
+    return moe::model::serve::dump(c).substr(1) + "\n\n";  // after the '{'
+  }
+  static void token_event(std::string& out, const std::string& tail, const std::string& text,
+                          int32_t token) {
+    out += R"(data: {"choices":[{"finish_reason":null,"index":0,"text":)";
+    out += moe::model::serve::dump(json(text));
+    out += R"(,"token_id":)";
+    out += std::to_string(token);
+    out += "}],";
+    out += tail;
+  }
+
   void completions(const httplib::Request& q, httplib::Response& r) {
     moe::model::serve::CompletionParams p;
     auto req = std::make_shared<Request>();
@@ -178,10 +197,11 @@ class Service {
     // Server-sent events: one per generated token (its piece of text and id), then the finish
     // and [DONE].
     auto sent = std::make_shared<size_t>(0);  // tokens sent
+    auto tail = std::make_shared<const std::string>(event_tail(id));
     r.set_header("Cache-Control", "no-cache");
     r.set_chunked_content_provider(
         "text/event-stream",
-        [this, req, sent, id](size_t, httplib::DataSink& sink) {
+        [this, req, sent, tail, id](size_t, httplib::DataSink& sink) {
           std::unique_lock<std::mutex> lock(req->mu);
           req->cv.wait_for(lock, std::chrono::milliseconds(200),
                            [&] { return req->done || req->marks.size() > *sent; });
@@ -189,9 +209,7 @@ class Service {
           for (; *sent < req->marks.size(); ++*sent) {
             const size_t end = std::min(req->marks[*sent], req->text.size());
             const size_t begin = *sent ? std::min(req->marks[*sent - 1], end) : 0;
-            json ev = chunk(id, req->text.substr(begin, end - begin), nullptr);
-            ev["choices"][0]["token_id"] = req->tokens[*sent];
-            events += "data: " + moe::model::serve::dump(ev) + "\n\n";
+            token_event(events, *tail, req->text.substr(begin, end - begin), req->tokens[*sent]);
           }
           const bool done = req->done;
           if (done) {

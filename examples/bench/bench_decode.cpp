@@ -71,6 +71,7 @@ struct BatchResult {
   double active_bytes = 0;                  // per decode step (mean)
   double kv_bytes = 0;                      // per decode step (mean)
   double experts_hit = 0;                   // per decode step, summed over MoE layers (mean)
+  double expert_s = 0, exchange_s = 0;      // rank 0, per decode step (mean): experts, All2All
   std::vector<int32_t> first_tokens;        // sequence 0's greedy tokens (last sample)
 };
 
@@ -165,7 +166,7 @@ int bench_decode(const std::vector<std::string>& argv) {
       if (P > 1) world.broadcast(last.data(), B, 0, "bench ids");
     };
     const std::span<const int32_t> my_last(last.data() + first, static_cast<size_t>(nb));
-    double hit_total = 0, kv_total = 0;
+    double hit_total = 0, kv_total = 0, expert_total = 0, exchange_total = 0;
     for (int s = 0; s <= samples; ++s) {  // sample 0 warms up
       for (auto& c : caches) c.clear();
       r.first_tokens.clear();
@@ -178,12 +179,16 @@ int bench_decode(const std::vector<std::string>& argv) {
         if (root) kv_total += double(B) * double(caches[0].len() + 1) * 2 * d * 4 * cfg.n_layers;
         ConstView logits = model.decode_step(my_last, ptrs);
         hit_total += double(experts_hit());
+        for (const model::MoeLayer* m : moe_layers) {
+          expert_total += m->stats().expert_seconds;
+          exchange_total += m->stats().exchange_seconds;
+        }
         sample_all(logits);
         if (root) r.first_tokens.push_back(last[0]);
       }
       const double t2 = now_s();
       if (s == 0) {
-        hit_total = kv_total = 0;
+        hit_total = kv_total = expert_total = exchange_total = 0;
         continue;
       }
       r.prefill_s.push_back(world.max(t1 - t0));
@@ -192,6 +197,8 @@ int bench_decode(const std::vector<std::string>& argv) {
     r.experts_hit = hit_total / double(samples * steps);
     r.active_bytes = dense_bytes + r.experts_hit * expert_bytes;
     r.kv_bytes = kv_total / double(samples * steps);
+    r.expert_s = expert_total / double(samples * steps);
+    r.exchange_s = exchange_total / double(samples * steps);
     results.push_back(std::move(r));
   }
 
@@ -210,16 +217,18 @@ int bench_decode(const std::vector<std::string>& argv) {
   std::printf("memory bandwidth (streaming read, all ranks x threads): %.1f GB/s\n", bandwidth);
   std::printf("dense weights %.2f MB, one expert %.2f MB\n\n", dense_bytes / 1e6,
               expert_bytes / 1e6);
-  std::printf("%6s %12s %10s %11s %9s %10s %10s %9s %8s\n", "batch", "tokens/s", "ms/step",
-              "prefill ms", "experts", "active MB", "limit ms", "vs limit", "KV MB");
+  std::printf("%6s %12s %10s %11s %9s %10s %10s %9s %8s %10s %10s\n", "batch", "tokens/s",
+              "ms/step", "prefill ms", "experts", "active MB", "limit ms", "vs limit", "KV MB",
+              "expert ms", "a2a ms");
   nlohmann::json per_batch = nlohmann::json::array();
   for (const BatchResult& r : results) {
     const double step_s = median(r.decode_s) / double(steps);
     const double tps = double(r.batch) / step_s;
     const double limit_s = r.active_bytes / (bandwidth * 1e9);
-    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f\n", (long long)r.batch,
-                tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit, r.active_bytes / 1e6,
-                limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6);
+    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f %10.3f %10.3f\n",
+                (long long)r.batch, tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit,
+                r.active_bytes / 1e6, limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6,
+                r.expert_s * 1e3, r.exchange_s * 1e3);
     per_batch.push_back(
         {{"batch", r.batch},
          {"decode_tokens_per_s", tps},
@@ -230,6 +239,8 @@ int bench_decode(const std::vector<std::string>& argv) {
          {"experts_hit_per_step", r.experts_hit},
          {"active_bytes", r.active_bytes},
          {"kv_bytes", r.kv_bytes},
+         {"expert_ms_per_step", r.expert_s * 1e3},
+         {"exchange_ms_per_step", r.exchange_s * 1e3},
          {"limit_ms", limit_s * 1e3},
          {"limit_ratio", step_s / limit_s},
          {"tokens_seq0", r.first_tokens}});
@@ -237,7 +248,8 @@ int bench_decode(const std::vector<std::string>& argv) {
   std::printf(
       "\nexperts: experts hit per decode step, summed over the MoE layers; active MB: dense "
       "weights + those experts;\nlimit ms: active MB at the measured bandwidth; vs limit: "
-      "ms/step over limit ms. KV MB (cache reads) not in the limit.\n");
+      "ms/step over limit ms. KV MB (cache reads) not in the limit.\nexpert ms, a2a ms: rank 0's "
+      "time per decode step in the expert GEMMs and inside All2All.\n");
   if (json) {
     nlohmann::json out = {{"bench", "decode"},
                           {"ranks", P},
