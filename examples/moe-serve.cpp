@@ -14,9 +14,11 @@
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <thread>
 
 #include "comm/communicator.hpp"
@@ -297,6 +299,7 @@ int main(int argc, char** argv) {
 
     // Rank 0 binds; every rank learns whether that worked before serving.
     httplib::Server server;
+    socket_t listen_fd = INVALID_SOCKET;
     std::string error;
     if (world.rank() == 0) {
       server.new_task_queue = [threads_http] {
@@ -304,14 +307,23 @@ int main(int argc, char** argv) {
       };
       server.set_payload_max_length(size_t{1} << 20);
       // SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, which would let a second
-      // server share the port instead of failing.
-      server.set_socket_options([](socket_t sock) {
+      // server share the port instead of failing. TCP_NODELAY (inherited by the accepted
+      // sockets): each token's event leaves at once instead of waiting for the previous one's
+      // ACK.
+      server.set_socket_options([&listen_fd](socket_t sock) {
         int yes = 1;
         setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+        setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &yes, sizeof(yes));
+        listen_fd = sock;
       });
       service->routes(server);
       if (!server.bind_to_port(host, port))
         error = cat("moe-serve: cannot listen on ", host, ":", port);
+      // Debian's compiled httplib listens with a backlog of 5: a burst of clients connecting
+      // at once (a load generator's 32) overflows it and the kernel drops their handshakes,
+      // which clients retry after 1 s, 2 s, ... Listening again on the bound socket raises it.
+      else if (::listen(listen_fd, SOMAXCONN) != 0)
+        error = cat("moe-serve: listen(", host, ":", port, "): ", std::strerror(errno));
     }
     world.agree(error, moe::ErrorKind::kConfig, "bind");
     std::thread http;
