@@ -300,15 +300,22 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
         std::copy_n(k.row(t), dh, ck.row(past + t) + h * dh);
         std::copy_n(v.row(t), dh, cv.row(past + t) + h * dh);
       }
-      ConstView keys = ConstView(ck).row_range(0, total).col_range(h * dh, dh);
-      ConstView vals = ConstView(cv).row_range(0, total).col_range(h * dh, dh);
-      View s = scratch(s_buf, nb, total);
-      gemm(Trans::kNo, Trans::kYes, scale, q, keys, 0.0f, s);
-      // Causal, stable softmax as in forward(): new row t (position past + t) sees columns
-      // 0 .. past + t.
+      // Scores, causal softmax (as in forward(): new row t, position past + t, sees columns
+      // 0 .. past + t) and the weighted sum of the values, in plain loops: a decode step's
+      // pair is one query row against the cache, 2 dh (past + 1) multiply-adds, less than a
+      // GEMM call's own overhead.
+      View s = scratch(s_buf, 1, total);
+      float* r = s.row(0);
       for (int64_t t = 0; t < nb; ++t) {
-        float* r = s.row(t);
+        const float* qt = q.row(t);
         const int64_t last = past + t;
+        for (int64_t j = 0; j <= last; ++j) {
+          const float* kj = ck.row(j) + h * dh;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < dh; ++i) dot += qt[i] * kj[i];
+          r[j] = scale * dot;
+        }
         float m = r[0];
         for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
         float sum = 0.0f;
@@ -318,12 +325,15 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
           sum += r[j];
         }
         const float inv = 1.0f / sum;
+        float* o = att.row(row0_[static_cast<size_t>(b)] + t) + h * dh;
+        std::fill_n(o, dh, 0.0f);
+        for (int64_t j = 0; j <= last; ++j) {
+          const float w = r[j] * inv;
+          const float* vj = cv.row(j) + h * dh;
 #pragma omp simd
-        for (int64_t j = 0; j <= last; ++j) r[j] *= inv;
-        for (int64_t j = last + 1; j < total; ++j) r[j] = 0.0f;
+          for (int64_t i = 0; i < dh; ++i) o[i] += w * vj[i];
+        }
       }
-      gemm(Trans::kNo, Trans::kNo, 1.0f, s, vals, 0.0f,
-           att.row_range(row0_[static_cast<size_t>(b)], nb).col_range(h * dh, dh));
     }
   }
   for (int64_t b = 0; b < B; ++b)
