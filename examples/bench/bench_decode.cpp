@@ -1,5 +1,6 @@
 // moe-bench decode: greedy decoding through the KV caches (Transformer::extend), no HTTP.
-//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--rank0-only] [--json]   2 ranks x 1 thread
+//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--rank0-only] [--unpacked] [--json]
+//                                                                      2 ranks x 1 thread
 //   moe-bench decode --threads 2 [--json]                              1 rank  x 2 threads
 // The model is the PyTorch reference's default decode model (`torch_reference.py decode`):
 // d_model 256, 4 layers, 4 heads, 8 experts top-2 of width 1024 in every block, vocabulary 256,
@@ -8,7 +9,9 @@
 // (model/serve/engine.hpp), the sequences are spread over the ranks in contiguous blocks (each
 // rank runs attention and the LM head of its block), every step rank 0 broadcasts the B token
 // ids and gathers the [B, V] logits, and samples; --rank0-only keeps every sequence on rank 0
-// (the other ranks join each step with no tokens). Figures, each measured in this run:
+// (the other ranks join each step with no tokens). The expert weights are packed for decoding
+// (Transformer::pack_for_inference, as the server does); --unpacked runs the experts' GEMMs on
+// BLIS instead. Figures, each measured in this run:
 //   decode_tokens_per_s   B x decode steps / decode seconds (decode steps only, as PyTorch's)
 //   ms_per_step           decode seconds / decode steps (median over samples)
 //   bandwidth_gbs         streaming read of a 256 MB buffer per rank, all ranks and threads at
@@ -107,6 +110,8 @@ int bench_decode(const std::vector<std::string>& argv) {
   const bool spread = !args.flag("--rank0-only");
 
   model::Transformer model(cfg, world, static_cast<uint64_t>(args.get_int("--seed", 1)));
+  const bool packed = !args.flag("--unpacked");  // --unpacked: experts on BLIS, as before
+  if (packed) model.pack_for_inference();
   const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
 
   // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
@@ -207,8 +212,9 @@ int bench_decode(const std::vector<std::string>& argv) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s\n", P, policy.describe().c_str(),
-              spread ? "spread over the ranks" : "on rank 0");
+  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s, experts %s\n", P,
+              policy.describe().c_str(), spread ? "spread over the ranks" : "on rank 0",
+              packed ? "packed (gemm_packed)" : "on BLIS (--unpacked)");
   std::printf(
       "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, random weights; prompt %lld + %lld new "
       "(%lld decode steps)\n",
@@ -255,6 +261,7 @@ int bench_decode(const std::vector<std::string>& argv) {
                           {"ranks", P},
                           {"threads", policy.omp_threads},
                           {"spread", spread},
+                          {"packed", packed},
                           {"d_model", d},
                           {"layers", cfg.n_layers},
                           {"heads", cfg.n_heads},
