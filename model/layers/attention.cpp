@@ -280,58 +280,69 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
     scores_.resize(static_cast<size_t>(omp_get_max_threads()));
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-  const int64_t n_pairs = B * H;
+  // One task per sequence, all heads together: each cached row of keys (then values) is read
+  // once, d floats in a row, so the cache streams in order. Per head, scores, the causal
+  // softmax (as in forward(): new row t, position past + t, sees columns 0 .. past + t) and
+  // the weighted sum of the values run in plain loops: a decode step's head is one query row
+  // against the cache, 2 dh (past + 1) multiply-adds, less than a GEMM call's own overhead.
 #pragma omp parallel
   {
     Tensor& s_buf = scores_[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < n_pairs; ++p) {
-      const int64_t b = p / H, h = p % H;
+    for (int64_t b = 0; b < B; ++b) {
       KvCache& c = *caches[static_cast<size_t>(b)];
       const int64_t nb = n_new[static_cast<size_t>(b)], past = c.len, total = past + nb;
       View rows = qkv.row_range(row0_[static_cast<size_t>(b)], nb);
-      View q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
-      ConstView v = rows.col_range(2 * d + h * dh, dh);
-      rope_decode_.apply_at(q, past);
-      rope_decode_.apply_at(k, past);
-      // Append this head's keys and values (each pair writes only its own columns).
       View ck(c.k.data(), c.capacity(), d), cv(c.v.data(), c.capacity(), d);
-      for (int64_t t = 0; t < nb; ++t) {
-        std::copy_n(k.row(t), dh, ck.row(past + t) + h * dh);
-        std::copy_n(v.row(t), dh, cv.row(past + t) + h * dh);
+      for (int64_t h = 0; h < H; ++h) {
+        View q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
+        rope_decode_.apply_at(q, past);
+        rope_decode_.apply_at(k, past);
       }
-      // Scores, causal softmax (as in forward(): new row t, position past + t, sees columns
-      // 0 .. past + t) and the weighted sum of the values, in plain loops: a decode step's
-      // pair is one query row against the cache, 2 dh (past + 1) multiply-adds, less than a
-      // GEMM call's own overhead.
-      View s = scratch(s_buf, 1, total);
-      float* r = s.row(0);
+      for (int64_t t = 0; t < nb; ++t) {  // append the keys and values
+        std::copy_n(rows.row(t) + d, d, ck.row(past + t));
+        std::copy_n(rows.row(t) + 2 * d, d, cv.row(past + t));
+      }
+      View s = scratch(s_buf, H, total);  // [H, total] scores, then probabilities
       for (int64_t t = 0; t < nb; ++t) {
-        const float* qt = q.row(t);
+        const float* qt = rows.row(t);
         const int64_t last = past + t;
         for (int64_t j = 0; j <= last; ++j) {
-          const float* kj = ck.row(j) + h * dh;
-          float dot = 0.0f;
+          const float* kj = ck.row(j);
+          for (int64_t h = 0; h < H; ++h) {
+            const float* qh = qt + h * dh;
+            const float* kh = kj + h * dh;
+            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < dh; ++i) dot += qt[i] * kj[i];
-          r[j] = scale * dot;
+            for (int64_t i = 0; i < dh; ++i) dot += qh[i] * kh[i];
+            s(h, j) = scale * dot;
+          }
         }
-        float m = r[0];
-        for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
-        float sum = 0.0f;
+        for (int64_t h = 0; h < H; ++h) {
+          float* r = s.row(h);
+          float m = r[0];
+          for (int64_t j = 1; j <= last; ++j) m = std::max(m, r[j]);
+          float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j <= last; ++j) {
-          r[j] = act::exp_approx(r[j] - m);
-          sum += r[j];
-        }
-        const float inv = 1.0f / sum;
-        float* o = att.row(row0_[static_cast<size_t>(b)] + t) + h * dh;
-        std::fill_n(o, dh, 0.0f);
-        for (int64_t j = 0; j <= last; ++j) {
-          const float w = r[j] * inv;
-          const float* vj = cv.row(j) + h * dh;
+          for (int64_t j = 0; j <= last; ++j) {
+            r[j] = act::exp_approx(r[j] - m);
+            sum += r[j];
+          }
+          const float inv = 1.0f / sum;
 #pragma omp simd
-          for (int64_t i = 0; i < dh; ++i) o[i] += w * vj[i];
+          for (int64_t j = 0; j <= last; ++j) r[j] *= inv;
+        }
+        float* o = att.row(row0_[static_cast<size_t>(b)] + t);
+        std::fill_n(o, d, 0.0f);
+        for (int64_t j = 0; j <= last; ++j) {
+          const float* vj = cv.row(j);
+          for (int64_t h = 0; h < H; ++h) {
+            const float w = s(h, j);
+            float* oh = o + h * dh;
+            const float* vh = vj + h * dh;
+#pragma omp simd
+            for (int64_t i = 0; i < dh; ++i) oh[i] += w * vh[i];
+          }
         }
       }
     }

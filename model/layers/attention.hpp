@@ -156,7 +156,7 @@ class Attention {
   // Incremental decoding scratch.
   Rope rope_decode_;            // tables from position 0
   Tensor qkv_new_, att_new_;    // [N, 3d], [N, d]
-  std::vector<Tensor> scores_;  // per thread: [n_new, len] scores / probabilities
+  std::vector<Tensor> scores_;  // per thread: [H, len] scores / probabilities of one row
   std::vector<int64_t> row0_;   // [B + 1] first row of each sequence
 };
 
