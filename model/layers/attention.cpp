@@ -274,7 +274,10 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
   if (rope_decode_.n_pos() < max_end) rope_decode_.prepare(0, max_end);
   View qkv = scratch(qkv_new_, n, 3 * d);
   View att = scratch(att_new_, n, d);
-  gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
+  if (packed_qkv_.data.empty())
+    gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
+  else
+    gemm_packed(x, packed_qkv_, qkv);
   if (bias_) add_bias(qkv, b_qkv_.data());
   if (scores_.size() < static_cast<size_t>(omp_get_max_threads()))
     scores_.resize(static_cast<size_t>(omp_get_max_threads()));
@@ -350,8 +353,16 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
   for (int64_t b = 0; b < B; ++b)
     caches[static_cast<size_t>(b)]->len += n_new[static_cast<size_t>(b)];
 
-  gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
+  if (packed_o_.data.empty())
+    gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
+  else
+    gemm_packed(att, packed_o_, y);
   if (bias_) add_bias(y, b_o_.data());
+}
+
+void Attention::pack_for_inference() {
+  pack_b(w_qkv_.view(), packed_qkv_);
+  pack_b(w_o_.view(), packed_o_);
 }
 
 void Attention::backward(ConstView dy, View dx) {
