@@ -11,6 +11,8 @@
 // SIGINT/SIGTERM: stop accepting, finish the queued and active requests, stop every rank,
 // exit 0.
 #include <httplib.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
@@ -328,7 +330,18 @@ int main(int argc, char** argv) {
     world.agree(error, moe::ErrorKind::kConfig, "bind");
     std::thread http;
     if (world.rank() == 0) {
-      http = std::thread([&server] { server.listen_after_bind(); });
+      http = std::thread([&server] {
+        // mpirun binds rank 0 (and so every thread it starts) to one core; the HTTP threads
+        // (started from this one, inheriting its mask) may run on any core of the node, so
+        // that their work lands where a rank is waiting instead of always delaying rank 0's
+        // share of each step.
+        cpu_set_t all;
+        CPU_ZERO(&all);
+        const long n_cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        for (long c = 0; c < n_cpus && c < CPU_SETSIZE; ++c) CPU_SET(static_cast<int>(c), &all);
+        sched_setaffinity(0, sizeof(all), &all);  // best effort: the binding stays on failure
+        server.listen_after_bind();
+      });
       std::printf(
           "moe-serve: listening on http://%s:%d (checkpoint step %lld, %d rank(s), "
           "max batch %d, context %lld)\n",
