@@ -11,12 +11,16 @@
 // SIGINT/SIGTERM: stop accepting, finish the queued and active requests, stop every rank,
 // exit 0.
 #include <httplib.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <thread>
 
 #include "comm/communicator.hpp"
@@ -135,6 +139,25 @@ class Service {
             {"choices", json::array({c})}};
   }
 
+  // A token's event is chunk(id, text, nullptr) with "token_id" added to its choice, as
+  // dump() writes it (keys sorted): "data: {"choices":[{...,"token_id":N}],<tail>\n\n. The
+  // part after the choices is the same for every event of a request; it is made once
+  // (event_tail) so that a token costs one escaped string instead of a JSON tree.
+  std::string event_tail(const std::string& id) const {
+    json c = chunk(id, "", nullptr);
+    c.erase("choices");
+    return moe::model::serve::dump(c).substr(1) + "\n\n";  // after the '{'
+  }
+  static void token_event(std::string& out, const std::string& tail, const std::string& text,
+                          int32_t token) {
+    out += R"(data: {"choices":[{"finish_reason":null,"index":0,"text":)";
+    out += moe::model::serve::dump(json(text));
+    out += R"(,"token_id":)";
+    out += std::to_string(token);
+    out += "}],";
+    out += tail;
+  }
+
   void completions(const httplib::Request& q, httplib::Response& r) {
     moe::model::serve::CompletionParams p;
     auto req = std::make_shared<Request>();
@@ -178,10 +201,11 @@ class Service {
     // Server-sent events: one per generated token (its piece of text and id), then the finish
     // and [DONE].
     auto sent = std::make_shared<size_t>(0);  // tokens sent
+    auto tail = std::make_shared<const std::string>(event_tail(id));
     r.set_header("Cache-Control", "no-cache");
     r.set_chunked_content_provider(
         "text/event-stream",
-        [this, req, sent, id](size_t, httplib::DataSink& sink) {
+        [this, req, sent, tail, id](size_t, httplib::DataSink& sink) {
           std::unique_lock<std::mutex> lock(req->mu);
           req->cv.wait_for(lock, std::chrono::milliseconds(200),
                            [&] { return req->done || req->marks.size() > *sent; });
@@ -189,9 +213,7 @@ class Service {
           for (; *sent < req->marks.size(); ++*sent) {
             const size_t end = std::min(req->marks[*sent], req->text.size());
             const size_t begin = *sent ? std::min(req->marks[*sent - 1], end) : 0;
-            json ev = chunk(id, req->text.substr(begin, end - begin), nullptr);
-            ev["choices"][0]["token_id"] = req->tokens[*sent];
-            events += "data: " + moe::model::serve::dump(ev) + "\n\n";
+            token_event(events, *tail, req->text.substr(begin, end - begin), req->tokens[*sent]);
           }
           const bool done = req->done;
           if (done) {
@@ -279,6 +301,7 @@ int main(int argc, char** argv) {
 
     // Rank 0 binds; every rank learns whether that worked before serving.
     httplib::Server server;
+    socket_t listen_fd = INVALID_SOCKET;
     std::string error;
     if (world.rank() == 0) {
       server.new_task_queue = [threads_http] {
@@ -286,19 +309,39 @@ int main(int argc, char** argv) {
       };
       server.set_payload_max_length(size_t{1} << 20);
       // SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, which would let a second
-      // server share the port instead of failing.
-      server.set_socket_options([](socket_t sock) {
+      // server share the port instead of failing. TCP_NODELAY (inherited by the accepted
+      // sockets): each token's event leaves at once instead of waiting for the previous one's
+      // ACK.
+      server.set_socket_options([&listen_fd](socket_t sock) {
         int yes = 1;
         setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+        setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &yes, sizeof(yes));
+        listen_fd = sock;
       });
       service->routes(server);
       if (!server.bind_to_port(host, port))
         error = cat("moe-serve: cannot listen on ", host, ":", port);
+      // Debian's compiled httplib listens with a backlog of 5: a burst of clients connecting
+      // at once (a load generator's 32) overflows it and the kernel drops their handshakes,
+      // which clients retry after 1 s, 2 s, ... Listening again on the bound socket raises it.
+      else if (::listen(listen_fd, SOMAXCONN) != 0)
+        error = cat("moe-serve: listen(", host, ":", port, "): ", std::strerror(errno));
     }
     world.agree(error, moe::ErrorKind::kConfig, "bind");
     std::thread http;
     if (world.rank() == 0) {
-      http = std::thread([&server] { server.listen_after_bind(); });
+      http = std::thread([&server] {
+        // mpirun binds rank 0 (and so every thread it starts) to one core; the HTTP threads
+        // (started from this one, inheriting its mask) may run on any core of the node, so
+        // that their work lands where a rank is waiting instead of always delaying rank 0's
+        // share of each step.
+        cpu_set_t all;
+        CPU_ZERO(&all);
+        const long n_cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        for (long c = 0; c < n_cpus && c < CPU_SETSIZE; ++c) CPU_SET(static_cast<int>(c), &all);
+        sched_setaffinity(0, sizeof(all), &all);  // best effort: the binding stays on failure
+        server.listen_after_bind();
+      });
       std::printf(
           "moe-serve: listening on http://%s:%d (checkpoint step %lld, %d rank(s), "
           "max batch %d, context %lld)\n",

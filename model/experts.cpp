@@ -190,6 +190,36 @@ void ExpertBank::forward(ConstView x, const std::vector<int64_t>& offsets, View 
   }
 }
 
+void ExpertBank::pack_for_inference() {
+  packed1_.resize(static_cast<size_t>(n_local()));
+  packed2_.resize(static_cast<size_t>(n_local()));
+  for (int e = 0; e < n_local(); ++e) {
+    pack_b(w1(e), packed1_[static_cast<size_t>(e)]);
+    pack_b(w2(e), packed2_[static_cast<size_t>(e)]);
+  }
+}
+
+void ExpertBank::infer(ConstView x, const std::vector<int64_t>& offsets, View y) {
+  MOE_CHECK(packed_for_inference(), "expert_bank.infer: pack_for_inference() first");
+  MOE_CHECK_EQ(static_cast<int64_t>(offsets.size()), int64_t{n_local()} + 1,
+               "expert_bank.infer offsets");
+  const int64_t R = offsets.back();
+  MOE_CHECK_SHAPE(x, R, d_, "expert_bank.infer x");
+  MOE_CHECK_SHAPE(y, R, d_, "expert_bank.infer y");
+  View h = scratch(h_infer_, R, f1_);
+  View a = scratch(a_infer_, R, f_);
+  const std::vector<Task> tasks = row_tasks(offsets);
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n_tasks; ++i) {
+    const Task& t = tasks[i];
+    View hb = h.row_range(t.begin, t.n), ab = a.row_range(t.begin, t.n);
+    gemm_packed(x.row_range(t.begin, t.n), packed1_[static_cast<size_t>(t.e)], hb);
+    activate(act_, hb.data, hb.ld, ab.data, ab.ld, t.n, f_);
+    gemm_packed(ab, packed2_[static_cast<size_t>(t.e)], y.row_range(t.begin, t.n));
+  }
+}
+
 void ExpertBank::backward(ConstView dy, View dx, ExpertCache& cache) {
   const std::vector<int64_t>& offsets = cache.offsets;
   const int64_t R = offsets.empty() ? 0 : offsets.back();

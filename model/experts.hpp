@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "model/params.hpp"
+#include "runtime/gemm.hpp"
 #include "runtime/tensor.hpp"
 
 namespace moe::model {
@@ -60,6 +61,14 @@ class ExpertBank {
   // x [R, d] rows grouped by offsets [E_l + 1] -> y [R, d]. Fills cache; x must stay valid
   // until backward(). Local; OpenMP inside (call from serial code).
   void forward(ConstView x, const std::vector<int64_t>& offsets, View y, ExpertCache& cache);
+  // Inference: W1 and W2 of every local expert packed for gemm_packed (runtime/gemm.hpp).
+  // Call again after the weights change (the packed copies do not follow them).
+  void pack_for_inference();
+  bool packed_for_inference() const { return !packed1_.empty(); }
+  // forward()'s y from the packed weights, without a backward cache. Each row's result
+  // depends on that row and its expert only (not on how many rows the call has), so a
+  // sequence decodes the same whatever batch it shares a step with. Local; OpenMP inside.
+  void infer(ConstView x, const std::vector<int64_t>& offsets, View y);
   // dy [R, d] -> dx [R, d] (overwritten; may alias the forward input x). ACCUMULATES dW1, dW2.
   // Consumes the cache (h is overwritten).
   void backward(ConstView dy, View dx, ExpertCache& cache);
@@ -87,11 +96,13 @@ class ExpertBank {
 
   int64_t d_, f_, f1_;
   Activation act_;
-  std::vector<int> global_ids_;   // [E_l]
-  std::vector<uint8_t> replica_;  // [E_l] or empty (no replicas)
-  Tensor w1_, dw1_;               // [E_l, d, f1]
-  Tensor w2_, dw2_;               // [E_l, f, d]
-  std::vector<Tensor> scratch_;   // per thread: [block rows, f] dL/da
+  std::vector<int> global_ids_;             // [E_l]
+  std::vector<uint8_t> replica_;            // [E_l] or empty (no replicas)
+  Tensor w1_, dw1_;                         // [E_l, d, f1]
+  Tensor w2_, dw2_;                         // [E_l, f, d]
+  std::vector<Tensor> scratch_;             // per thread: [block rows, f] dL/da
+  std::vector<PackedB> packed1_, packed2_;  // [E_l] W1, W2 packed (pack_for_inference)
+  Tensor h_infer_, a_infer_;                // [R, f1], [R, f] infer() scratch
 };
 
 }  // namespace moe::model

@@ -483,6 +483,13 @@ ConstView Transformer::decode_step(std::span<const int32_t> last,
   return extend(last, ones_, caches);
 }
 
+void Transformer::pack_for_inference() {
+  for (int l = 0; l < config_.n_layers; ++l) {
+    if (MoeLayer* m = moe_layer(l)) m->pack_for_inference();
+    if (Attention* a = blocks_[static_cast<size_t>(l)]->attn.get()) a->pack_for_inference();
+  }
+}
+
 std::vector<std::pair<std::string, View>> Transformer::buffers() {
   std::vector<std::pair<std::string, View>> out;
   for (int l = 0; l < config_.n_layers; ++l)

@@ -147,6 +147,11 @@ class Transformer {
   ConstView prefill(std::span<const int32_t> prompt, SequenceCache& cache);
   // extend() with one new token per sequence: last[b] is sequence b's latest token. Collective.
   ConstView decode_step(std::span<const int32_t> last, std::span<SequenceCache* const> caches);
+  // Packs every MoE layer's local expert weights and the attention projections for the
+  // inference kernels that extend() then uses (MoeLayer / Attention::pack_for_inference);
+  // serving and decoding benchmarks call it once after loading. Doubles those weights' memory;
+  // call again after the weights change. Local.
+  void pack_for_inference();
 
   // Replicated parameters in the order backward finishes them; sharded expert parameters.
   const std::vector<ParamRef>& dense_params() const { return dense_; }

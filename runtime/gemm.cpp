@@ -2,6 +2,9 @@
 
 #include <blis.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "runtime/threads.hpp"
 
 namespace moe {
@@ -48,7 +51,74 @@ void run_blis(int n_threads, Trans ta, Trans tb, float alpha, ConstView a, Const
                c.data, ldc, 1, nullptr, &rntm);
 }
 
+// Packed GEMM: kMr rows x one panel (2 vectors of 16) of C in registers, over all of k.
+typedef float Vec16 __attribute__((vector_size(64)));
+constexpr int kMaxRows = 8;
+static_assert(kPackWidth == 32, "the packed kernel holds a panel in two 16-float vectors");
+
+template <int kMr>
+void packed_panel(int64_t k, const float* a, int64_t lda, const float* panel, float* c, int64_t ldc,
+                  int64_t width) {
+  Vec16 acc0[kMr], acc1[kMr];
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = Vec16{};
+  for (int64_t p = 0; p < k; ++p) {
+    Vec16 b0, b1;
+    std::memcpy(&b0, panel + p * kPackWidth, sizeof(Vec16));
+    std::memcpy(&b1, panel + p * kPackWidth + 16, sizeof(Vec16));
+    for (int i = 0; i < kMr; ++i) {
+      const float s = a[i * lda + p];
+      acc0[i] += s * b0;
+      acc1[i] += s * b1;
+    }
+  }
+  for (int i = 0; i < kMr; ++i) {
+    if (width == kPackWidth) {
+      std::memcpy(c + i * ldc, &acc0[i], sizeof(Vec16));
+      std::memcpy(c + i * ldc + 16, &acc1[i], sizeof(Vec16));
+    } else {
+      float row[kPackWidth];
+      std::memcpy(row, &acc0[i], sizeof(Vec16));
+      std::memcpy(row + 16, &acc1[i], sizeof(Vec16));
+      std::memcpy(c + i * ldc, row, static_cast<size_t>(width) * sizeof(float));
+    }
+  }
+}
+
+using PanelKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t,
+                             int64_t);
+constexpr PanelKernel kPanelKernels[kMaxRows + 1] = {
+    nullptr,         packed_panel<1>, packed_panel<2>, packed_panel<3>, packed_panel<4>,
+    packed_panel<5>, packed_panel<6>, packed_panel<7>, packed_panel<8>};
+
 }  // namespace
+
+void pack_b(ConstView b, PackedB& out) {
+  out.k = b.rows;
+  out.n = b.cols;
+  const int64_t panels = (b.cols + kPackWidth - 1) / kPackWidth;
+  out.data.assign(static_cast<size_t>(panels * b.rows * kPackWidth), 0.0f);
+  for (int64_t q = 0; q < panels; ++q) {
+    const int64_t j0 = q * kPackWidth, w = std::min(kPackWidth, b.cols - j0);
+    float* panel = out.data.data() + q * b.rows * kPackWidth;
+    for (int64_t p = 0; p < b.rows; ++p) std::copy_n(b.row(p) + j0, w, panel + p * kPackWidth);
+  }
+}
+
+void gemm_packed(ConstView a, const PackedB& b, View c) {
+  if (a.cols != b.k || c.rows != a.rows || c.cols != b.n)
+    throw Error(ErrorKind::kInternal,
+                cat("gemm_packed: A [", a.rows, ", ", a.cols, "] x B [", b.k, ", ", b.n, "] -> C [",
+                    c.rows, ", ", c.cols, "]: shapes do not match"));
+  // Panel by panel, all row blocks: the panel (k x 32 floats) stays in cache across them.
+  for (int64_t j0 = 0; j0 < b.n; j0 += kPackWidth) {
+    const float* panel = b.data.data() + j0 * b.k;
+    const int64_t w = std::min(kPackWidth, b.n - j0);
+    for (int64_t i0 = 0; i0 < a.rows; i0 += kMaxRows) {
+      const int64_t mr = std::min<int64_t>(kMaxRows, a.rows - i0);
+      kPanelKernels[mr](b.k, a.row(i0), a.ld, panel, c.row(i0) + j0, c.ld, w);
+    }
+  }
+}
 
 void gemm(Trans ta, Trans tb, float alpha, ConstView a, ConstView b, float beta, View c) {
   int n = in_parallel_region() ? 1 : thread_policy().blis_threads;

@@ -1,5 +1,6 @@
 // moe-bench decode: greedy decoding through the KV caches (Transformer::extend), no HTTP.
-//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--rank0-only] [--json]   2 ranks x 1 thread
+//   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--rank0-only] [--unpacked] [--json]
+//                                                                      2 ranks x 1 thread
 //   moe-bench decode --threads 2 [--json]                              1 rank  x 2 threads
 // The model is the PyTorch reference's default decode model (`torch_reference.py decode`):
 // d_model 256, 4 layers, 4 heads, 8 experts top-2 of width 1024 in every block, vocabulary 256,
@@ -9,7 +10,9 @@
 // (model/serve/engine.hpp), the sequences are spread over the ranks in contiguous blocks (each
 // rank runs attention and the LM head of its block), every step rank 0 broadcasts the B token
 // ids and gathers the [B, V] logits, and samples; --rank0-only keeps every sequence on rank 0
-// (the other ranks join each step with no tokens). Figures, each measured in this run:
+// (the other ranks join each step with no tokens). The expert weights are packed for decoding
+// (Transformer::pack_for_inference, as the server does); --unpacked runs the experts' GEMMs on
+// BLIS instead. Figures, each measured in this run:
 //   decode_tokens_per_s   B x decode steps / decode seconds (decode steps only, as PyTorch's)
 //   ms_per_step           decode seconds / decode steps (median over samples)
 //   bandwidth_gbs         streaming read of a 256 MB buffer per rank, all ranks and threads at
@@ -72,6 +75,7 @@ struct BatchResult {
   double active_bytes = 0;                  // per decode step (mean)
   double kv_bytes = 0;                      // per decode step (mean)
   double experts_hit = 0;                   // per decode step, summed over MoE layers (mean)
+  double expert_s = 0, exchange_s = 0;      // rank 0, per decode step (mean): experts, All2All
   std::vector<int32_t> first_tokens;        // sequence 0's greedy tokens (last sample)
 };
 
@@ -118,6 +122,8 @@ int bench_decode(const std::vector<std::string>& argv) {
     cfg = owned->config();
   }
   model::Transformer& model = *owned;
+  const bool packed = !args.flag("--unpacked");  // --unpacked: experts on BLIS, as before
+  if (packed) model.pack_for_inference();
   const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
 
   // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
@@ -177,7 +183,7 @@ int bench_decode(const std::vector<std::string>& argv) {
       if (P > 1) world.broadcast(last.data(), B, 0, "bench ids");
     };
     const std::span<const int32_t> my_last(last.data() + first, static_cast<size_t>(nb));
-    double hit_total = 0, kv_total = 0;
+    double hit_total = 0, kv_total = 0, expert_total = 0, exchange_total = 0;
     for (int s = 0; s <= samples; ++s) {  // sample 0 warms up
       for (auto& c : caches) c.clear();
       r.first_tokens.clear();
@@ -190,12 +196,16 @@ int bench_decode(const std::vector<std::string>& argv) {
         if (root) kv_total += double(B) * double(caches[0].len() + 1) * 2 * d * 4 * cfg.n_layers;
         ConstView logits = model.decode_step(my_last, ptrs);
         hit_total += double(experts_hit());
+        for (const model::MoeLayer* m : moe_layers) {
+          expert_total += m->stats().expert_seconds;
+          exchange_total += m->stats().exchange_seconds;
+        }
         sample_all(logits);
         if (root) r.first_tokens.push_back(last[0]);
       }
       const double t2 = now_s();
       if (s == 0) {
-        hit_total = kv_total = 0;
+        hit_total = kv_total = expert_total = exchange_total = 0;
         continue;
       }
       r.prefill_s.push_back(world.max(t1 - t0));
@@ -204,6 +214,8 @@ int bench_decode(const std::vector<std::string>& argv) {
     r.experts_hit = hit_total / double(samples * steps);
     r.active_bytes = dense_bytes + r.experts_hit * expert_bytes;
     r.kv_bytes = kv_total / double(samples * steps);
+    r.expert_s = expert_total / double(samples * steps);
+    r.exchange_s = exchange_total / double(samples * steps);
     results.push_back(std::move(r));
   }
 
@@ -212,8 +224,9 @@ int bench_decode(const std::vector<std::string>& argv) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s\n", P, policy.describe().c_str(),
-              spread ? "spread over the ranks" : "on rank 0");
+  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s, experts %s\n", P,
+              policy.describe().c_str(), spread ? "spread over the ranks" : "on rank 0",
+              packed ? "packed (gemm_packed)" : "on BLIS (--unpacked)");
   std::printf(
       "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, %s; prompt %lld + %lld new "
       "(%lld decode steps)\n",
@@ -223,16 +236,18 @@ int bench_decode(const std::vector<std::string>& argv) {
   std::printf("memory bandwidth (streaming read, all ranks x threads): %.1f GB/s\n", bandwidth);
   std::printf("dense weights %.2f MB, one expert %.2f MB\n\n", dense_bytes / 1e6,
               expert_bytes / 1e6);
-  std::printf("%6s %12s %10s %11s %9s %10s %10s %9s %8s\n", "batch", "tokens/s", "ms/step",
-              "prefill ms", "experts", "active MB", "limit ms", "vs limit", "KV MB");
+  std::printf("%6s %12s %10s %11s %9s %10s %10s %9s %8s %10s %10s\n", "batch", "tokens/s",
+              "ms/step", "prefill ms", "experts", "active MB", "limit ms", "vs limit", "KV MB",
+              "expert ms", "a2a ms");
   nlohmann::json per_batch = nlohmann::json::array();
   for (const BatchResult& r : results) {
     const double step_s = median(r.decode_s) / double(steps);
     const double tps = double(r.batch) / step_s;
     const double limit_s = r.active_bytes / (bandwidth * 1e9);
-    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f\n", (long long)r.batch,
-                tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit, r.active_bytes / 1e6,
-                limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6);
+    std::printf("%6lld %12.0f %10.3f %11.2f %9.2f %10.2f %10.3f %9.2f %8.2f %10.3f %10.3f\n",
+                (long long)r.batch, tps, step_s * 1e3, median(r.prefill_s) * 1e3, r.experts_hit,
+                r.active_bytes / 1e6, limit_s * 1e3, step_s / limit_s, r.kv_bytes / 1e6,
+                r.expert_s * 1e3, r.exchange_s * 1e3);
     per_batch.push_back(
         {{"batch", r.batch},
          {"decode_tokens_per_s", tps},
@@ -243,6 +258,8 @@ int bench_decode(const std::vector<std::string>& argv) {
          {"experts_hit_per_step", r.experts_hit},
          {"active_bytes", r.active_bytes},
          {"kv_bytes", r.kv_bytes},
+         {"expert_ms_per_step", r.expert_s * 1e3},
+         {"exchange_ms_per_step", r.exchange_s * 1e3},
          {"limit_ms", limit_s * 1e3},
          {"limit_ratio", step_s / limit_s},
          {"tokens_seq0", r.first_tokens}});
@@ -250,12 +267,14 @@ int bench_decode(const std::vector<std::string>& argv) {
   std::printf(
       "\nexperts: experts hit per decode step, summed over the MoE layers; active MB: dense "
       "weights + those experts;\nlimit ms: active MB at the measured bandwidth; vs limit: "
-      "ms/step over limit ms. KV MB (cache reads) not in the limit.\n");
+      "ms/step over limit ms. KV MB (cache reads) not in the limit.\nexpert ms, a2a ms: rank 0's "
+      "time per decode step in the expert GEMMs and inside All2All.\n");
   if (json) {
     nlohmann::json out = {{"bench", "decode"},
                           {"ranks", P},
                           {"threads", policy.omp_threads},
                           {"spread", spread},
+                          {"packed", packed},
                           {"d_model", d},
                           {"layers", cfg.n_layers},
                           {"heads", cfg.n_heads},

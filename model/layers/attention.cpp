@@ -260,48 +260,84 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
   if (rope_decode_.n_pos() < max_end) rope_decode_.prepare(0, max_end);
   View qkv = scratch(qkv_new_, n, 3 * d);
   View att = scratch(att_new_, n, d);
-  gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
+  if (packed_qkv_.data.empty())
+    gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
+  else
+    gemm_packed(x, packed_qkv_, qkv);
   if (bias_) add_bias(qkv, b_qkv_.data());
   if (scores_.size() < static_cast<size_t>(omp_get_max_threads()))
     scores_.resize(static_cast<size_t>(omp_get_max_threads()));
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-  const int64_t n_pairs = B * H;
+  // One task per sequence, all heads together: each cached row of keys (then values) is read
+  // once, d floats in a row, so the cache streams in order. Per head, scores, the causal
+  // softmax (as in forward(): new row t, position past + t, sees columns 0 .. past + t) and
+  // the weighted sum of the values run in plain loops: a decode step's head is one query row
+  // against the cache, 2 dh (past + 1) multiply-adds, less than a GEMM call's own overhead.
 #pragma omp parallel
   {
     Tensor& s_buf = scores_[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < n_pairs; ++p) {
-      const int64_t b = p / H, h = p % H;
+    for (int64_t b = 0; b < B; ++b) {
       KvCache& c = *caches[static_cast<size_t>(b)];
       const int64_t nb = n_new[static_cast<size_t>(b)], past = c.len, total = past + nb;
       View rows = qkv.row_range(row0_[static_cast<size_t>(b)], nb);
-      View q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
-      ConstView v = rows.col_range(2 * d + h * dh, dh);
-      rope_decode_.apply_at(q, past);
-      rope_decode_.apply_at(k, past);
-      // Append this head's keys and values (each pair writes only its own columns).
       View ck(c.k.data(), c.capacity(), d), cv(c.v.data(), c.capacity(), d);
-      for (int64_t t = 0; t < nb; ++t) {
-        std::copy_n(k.row(t), dh, ck.row(past + t) + h * dh);
-        std::copy_n(v.row(t), dh, cv.row(past + t) + h * dh);
+      for (int64_t h = 0; h < H; ++h) {
+        View q = rows.col_range(h * dh, dh), k = rows.col_range(d + h * dh, dh);
+        rope_decode_.apply_at(q, past);
+        rope_decode_.apply_at(k, past);
       }
-      ConstView keys = ConstView(ck).row_range(0, total).col_range(h * dh, dh);
-      ConstView vals = ConstView(cv).row_range(0, total).col_range(h * dh, dh);
-      View s = scratch(s_buf, nb, total);
-      gemm(Trans::kNo, Trans::kYes, scale, q, keys, 0.0f, s);
-      // Causal, stable softmax as in forward(): new row t (position past + t) sees columns
-      // 0 .. past + t.
-      for (int64_t t = 0; t < nb; ++t) act::softmax_causal_row(s.row(t), past + t, total);
-      gemm(Trans::kNo, Trans::kNo, 1.0f, s, vals, 0.0f,
-           att.row_range(row0_[static_cast<size_t>(b)], nb).col_range(h * dh, dh));
+      for (int64_t t = 0; t < nb; ++t) {  // append the keys and values
+        std::copy_n(rows.row(t) + d, d, ck.row(past + t));
+        std::copy_n(rows.row(t) + 2 * d, d, cv.row(past + t));
+      }
+      View s = scratch(s_buf, H, total);  // [H, total] scores, then probabilities
+      for (int64_t t = 0; t < nb; ++t) {
+        const float* qt = rows.row(t);
+        const int64_t last = past + t;
+        for (int64_t j = 0; j <= last; ++j) {
+          const float* kj = ck.row(j);
+          for (int64_t h = 0; h < H; ++h) {
+            const float* qh = qt + h * dh;
+            const float* kh = kj + h * dh;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < dh; ++i) dot += qh[i] * kh[i];
+            s(h, j) = scale * dot;
+          }
+        }
+        // Causal, stable softmax as in forward(): new row t (position past + t) sees columns
+        // 0 .. past + t.
+        for (int64_t h = 0; h < H; ++h) act::softmax_causal_row(s.row(h), last, last + 1);
+        float* o = att.row(row0_[static_cast<size_t>(b)] + t);
+        std::fill_n(o, d, 0.0f);
+        for (int64_t j = 0; j <= last; ++j) {
+          const float* vj = cv.row(j);
+          for (int64_t h = 0; h < H; ++h) {
+            const float w = s(h, j);
+            float* oh = o + h * dh;
+            const float* vh = vj + h * dh;
+#pragma omp simd
+            for (int64_t i = 0; i < dh; ++i) oh[i] += w * vh[i];
+          }
+        }
+      }
     }
   }
   for (int64_t b = 0; b < B; ++b)
     caches[static_cast<size_t>(b)]->len += n_new[static_cast<size_t>(b)];
 
-  gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
+  if (packed_o_.data.empty())
+    gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
+  else
+    gemm_packed(att, packed_o_, y);
   if (bias_) add_bias(y, b_o_.data());
+}
+
+void Attention::pack_for_inference() {
+  pack_b(w_qkv_.view(), packed_qkv_);
+  pack_b(w_o_.view(), packed_o_);
 }
 
 void Attention::backward(ConstView dy, View dx) {

@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "model/params.hpp"
+#include "runtime/gemm.hpp"
 #include "runtime/tensor.hpp"
 
 namespace moe::model {
@@ -109,6 +110,9 @@ class Attention {
   // Equals forward() on the full sequences, row for row. Keeps no backward cache. Local.
   void forward_cached(ConstView x, std::span<const int64_t> n_new, std::span<KvCache* const> caches,
                       View y);
+  // Packs W_qkv and W_o for forward_cached (runtime/gemm.hpp gemm_packed), which then uses
+  // the packed copies. Call again after the weights change.
+  void pack_for_inference();
   // dy [N, d] -> dx [N, d] (overwritten; may alias dy or x). ACCUMULATES the
   // parameter gradients. Consumes the cache.
   void backward(ConstView dy, View dx);
@@ -154,10 +158,11 @@ class Attention {
   std::vector<Tensor> dp_;  // per thread: [T, T] dL/dP
 
   // Incremental decoding scratch.
-  Rope rope_decode_;            // tables from position 0
-  Tensor qkv_new_, att_new_;    // [N, 3d], [N, d]
-  std::vector<Tensor> scores_;  // per thread: [n_new, len] scores / probabilities
-  std::vector<int64_t> row0_;   // [B + 1] first row of each sequence
+  Rope rope_decode_;               // tables from position 0
+  Tensor qkv_new_, att_new_;       // [N, 3d], [N, d]
+  std::vector<Tensor> scores_;     // per thread: [H, len] scores / probabilities of one row
+  PackedB packed_qkv_, packed_o_;  // pack_for_inference(); empty until then
+  std::vector<int64_t> row0_;      // [B + 1] first row of each sequence
 };
 
 }  // namespace moe::model

@@ -261,6 +261,17 @@ void MoeLayer::infer(ConstView x, View y) {
   run_forward(x, y, /*inference=*/true);
 }
 
+void MoeLayer::pack_for_inference() {
+  experts_->pack_for_inference();
+}
+
+void MoeLayer::run_experts(ConstView xin, View yout, bool inference) {
+  if (inference && experts_->packed_for_inference())
+    experts_->infer(xin, plan_.recv_offsets(), yout);
+  else
+    experts_->forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);
+}
+
 void MoeLayer::run_forward(ConstView x, View y, bool inference) {
   const int64_t T = x.rows, d = d_;
   const int C = inference ? 1 : config_.pipeline_chunks;
@@ -308,7 +319,7 @@ void MoeLayer::run_forward(ConstView x, View y, bool inference) {
     ConstView xin = ex_dispatch_.dispatch_shared(plan_, x);  // dispatch
     View yout = ex_dispatch_.combine_buffer(plan_, d);
     double t0 = seconds_now();
-    experts_->forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
+    run_experts(xin, yout, inference);  // experts
     expert_s += seconds_now() - t0;
     // No backward reads xin: the next dispatch_shared need not wait for this rank.
     if (inference) ex_dispatch_.input_consumed();
@@ -322,7 +333,7 @@ void MoeLayer::run_forward(ConstView x, View y, bool inference) {
   if (C == 1) {
     ex_dispatch_.dispatch(plan_, x, xin);  // dispatch
     double t0 = seconds_now();
-    experts_->forward(xin, plan_.recv_offsets(), yout, chunks_[0].cache);  // experts
+    run_experts(xin, yout, inference);  // experts
     expert_s += seconds_now() - t0;
     ex_combine_.combine(plan_, yout, slot_out);  // combine
   } else {

@@ -147,6 +147,9 @@ class MoeLayer {
   // from the plan), the pipeline is off, and on the shared path the next step's dispatch skips
   // its first barrier. Collective.
   void infer(ConstView x, View y);
+  // Packs the local experts' weights for infer() (ExpertBank::pack_for_inference): from then
+  // on infer() runs the experts on the packed copies. Call again after the weights change.
+  void pack_for_inference();
   // dy [T, d] -> dx [T, d] (overwritten). aux_scale multiplies the router's auxiliary loss in
   // the total loss. ACCUMULATES the router and expert gradients. Collective.
   void backward(ConstView dy, View dx, float aux_scale = 1.0f);
@@ -194,6 +197,9 @@ class MoeLayer {
     int64_t n_recv() const { return plan.recv_offsets().back(); }
   };
   void run_forward(ConstView x, View y, bool inference);
+  // The local experts on the received rows: the packed weights when inferring after
+  // pack_for_inference(), else forward() with chunks_[0].cache.
+  void run_experts(ConstView xin, View yout, bool inference);
   void combine_weighted(View y) const;
   void shared_forward(ConstView x, View y);  // y += shared experts(x)
   void record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,

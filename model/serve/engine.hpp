@@ -94,7 +94,8 @@ class Engine {
  public:
   // decode turns ids into text (for stop strings); it is called on the engine thread only.
   // Allocates ceil(max_batch / P) caches of max_context positions on every rank (max_batch on
-  // rank 0 without spread).
+  // rank 0 without spread) and packs the model's expert weights for decoding
+  // (Transformer::pack_for_inference).
   Engine(Transformer& model, const comm::Communicator& comm, const EngineOptions& options,
          std::function<std::string(const std::vector<int32_t>&)> decode);
 

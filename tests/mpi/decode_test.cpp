@@ -1,7 +1,8 @@
 // Incremental decoding: logits from the KV cache (batched prefill of sequences of different
 // lengths, then decode steps with one new token each) equal the full recompute of
 // last_logits() within 1e-4 absolute, on any rank count. Rank 0 holds the sequences; the
-// other ranks join every forward with no tokens, as in serving.
+// other ranks join every forward with no tokens, as in serving. One case runs the experts on
+// their packed copies (Transformer::pack_for_inference), as the server does.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -41,7 +42,7 @@ double max_diff(ConstView a, ConstView b) {
   return m;
 }
 
-void check_decode(int every_n, bool umoe = false, bool share = false) {
+void check_decode(int every_n, bool umoe = false, bool share = false, bool packed = false) {
   Communicator world = Communicator::world();
   const bool root = world.rank() == 0;
   ModelConfig cfg = tiny(every_n);
@@ -53,6 +54,7 @@ void check_decode(int every_n, bool umoe = false, bool share = false) {
     cfg.umoe.shared_experts = 1;
   }
   Transformer model(cfg, world, 99);
+  if (packed) model.pack_for_inference();  // extend() on the packed experts, as the server
   std::mt19937 rng(5);
   const std::vector<int64_t> prompt_len = {5, 9, 2};
   const int64_t B = static_cast<int64_t>(prompt_len.size()), steps = 6, max_context = 20;
@@ -126,6 +128,9 @@ void check_decode(int every_n, bool umoe = false, bool share = false) {
 
 TEST(Decode, KvCacheMatchesFullRecomputeMoe) {
   check_decode(1);
+}
+TEST(Decode, KvCacheMatchesFullRecomputeMoePackedExperts) {
+  check_decode(1, false, false, true);
 }
 TEST(Decode, KvCacheMatchesFullRecomputeMixed) {
   check_decode(2);

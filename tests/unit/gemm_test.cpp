@@ -86,3 +86,37 @@ TEST(Gemm, PerExpertCallsInsideOpenMPLoopMatchSerial) {
     moe::gemm_reference(Trans::kNo, Trans::kNo, 1.0f, x.slab(e), w.slab(e), 0.0f, ref.slab(e));
   EXPECT_LT(moe::max_rel_error(y.view(), ref.view()), 1e-5);
 }
+
+// The packed kernel (inference): every row count of a register block and a ragged last panel,
+// a strided A and C (the C margin stays untouched), and row results that do not depend on how
+// many rows share the call (bit-equal), which keeps decoding independent of the batch.
+TEST(GemmPacked, MatchesReferenceAndRowsAreIndependent) {
+  const int64_t k = 45, n = 70;  // n: two full panels of 32 and one of 6
+  Tensor b({k, n});
+  randomize(b.view(), 4);
+  moe::PackedB packed;
+  moe::pack_b(b.view(), packed);
+  EXPECT_EQ(packed.k, k);
+  EXPECT_EQ(packed.n, n);
+  for (int64_t m : {1, 3, 8, 9, 17}) {
+    Tensor abuf({m, k + 3}), cbuf({m, n + 5}), ref({m, n});
+    randomize(abuf.view(), 5);
+    cbuf.fill(7.0f);
+    ConstView a = ConstView(abuf.view()).col_range(1, k);
+    View c = cbuf.view().col_range(2, n);
+    moe::gemm_packed(a, packed, c);
+    moe::gemm_reference(Trans::kNo, Trans::kNo, 1.0f, a, b.view(), 0.0f, ref.view());
+    EXPECT_LT(moe::max_rel_error(c, ref.view()), 1e-5) << "m = " << m;
+    for (int64_t i = 0; i < m; ++i) {
+      EXPECT_EQ(cbuf.view()(i, 0), 7.0f);
+      EXPECT_EQ(cbuf.view()(i, 1), 7.0f);
+      for (int64_t j = n + 2; j < n + 5; ++j) EXPECT_EQ(cbuf.view()(i, j), 7.0f);
+      Tensor one({1, n});
+      moe::gemm_packed(a.row_range(i, 1), packed, one.view());
+      for (int64_t j = 0; j < n; ++j) ASSERT_EQ(one.view()(0, j), c(i, j)) << i << ", " << j;
+    }
+  }
+  Tensor wrong({2, n + 1});
+  EXPECT_THROW(moe::gemm_packed(ConstView(wrong.view()).col_range(0, k), packed, wrong.view()),
+               moe::Error);
+}
