@@ -146,11 +146,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
   };
 
   SingleGateModel model(*mc, *sg, comm, seed);
-  AdamWOptions ao;
-  ao.beta1 = config.get_float("train.beta1");
-  ao.beta2 = config.get_float("train.beta2");
-  ao.eps = config.get_float("train.eps");
-  ao.weight_decay = config.get_float("train.weight_decay");
+  const AdamWOptions ao = AdamWOptions::from(config);
 
   // The current phase's optimiser, gradient views and reducer.
   std::unique_ptr<AdamW> opt;

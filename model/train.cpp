@@ -241,11 +241,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   comm.agree(error, kind, "open data");
 
   Transformer model(*mc, comm, seed);
-  AdamWOptions ao;
-  ao.beta1 = config.get_float("train.beta1");
-  ao.beta2 = config.get_float("train.beta2");
-  ao.eps = config.get_float("train.eps");
-  ao.weight_decay = config.get_float("train.weight_decay");
+  const AdamWOptions ao = AdamWOptions::from(config);
   // Two optimisers, one update: dense parameters, and the expert parameters (which a
   // re-placement rebuilds, model/rebalance.hpp). The update is element-wise, so the split
   // changes no value.
