@@ -17,6 +17,15 @@ bool decays_by_default(const std::string& name) {
          !ends_with(".b") && !ends_with(".g");
 }
 
+AdamWOptions AdamWOptions::from(const Config& config) {
+  AdamWOptions o;
+  o.beta1 = config.get_float("train.beta1");
+  o.beta2 = config.get_float("train.beta2");
+  o.eps = config.get_float("train.eps");
+  o.weight_decay = config.get_float("train.weight_decay");
+  return o;
+}
+
 AdamW::AdamW(AdamWOptions options) : options_(options) {
   MOE_CHECK(options_.beta1 >= 0 && options_.beta1 < 1, "beta1 ", options_.beta1);
   MOE_CHECK(options_.beta2 >= 0 && options_.beta2 < 1, "beta2 ", options_.beta2);

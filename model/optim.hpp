@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "model/params.hpp"
+#include "runtime/config.hpp"
 #include "runtime/tensor.hpp"
 
 namespace moe::model {
@@ -29,6 +30,8 @@ struct AdamWOptions {
   double beta2 = 0.95;        // train.beta2
   double eps = 1e-8;          // train.eps
   double weight_decay = 0.1;  // train.weight_decay (decoupled: multiplied by lr)
+
+  static AdamWOptions from(const Config& config);  // the train.* keys above
 };
 
 // Optimiser state of one parameter; m and v have the parameter's [rows, cols] shape.

@@ -10,6 +10,7 @@
 #include "comm/allreduce.hpp"
 #include "model/optim.hpp"
 #include "model/single_gate.hpp"
+#include "model/train_loop.hpp"
 #include "runtime/checkpoint.hpp"
 #include "runtime/data.hpp"
 #include "runtime/log.hpp"
@@ -145,11 +146,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
   };
 
   SingleGateModel model(*mc, *sg, comm, seed);
-  AdamWOptions ao;
-  ao.beta1 = config.get_float("train.beta1");
-  ao.beta2 = config.get_float("train.beta2");
-  ao.eps = config.get_float("train.eps");
-  ao.weight_decay = config.get_float("train.weight_decay");
+  const AdamWOptions ao = AdamWOptions::from(config);
 
   // The current phase's optimiser, gradient views and reducer.
   std::unique_ptr<AdamW> opt;
@@ -215,12 +212,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
     }
     return out;
   };
-  const std::string ckpt_dir = config.get_string("checkpoint.dir").empty()
-                                   ? run.dir + "/checkpoints"
-                                   : config.get_string("checkpoint.dir");
-  const int64_t ckpt_every = config.get_int("checkpoint.every");
-  checkpoint::SaveOptions save_options;
-  save_options.keep = static_cast<int>(config.get_int("checkpoint.keep"));
+  TrainLoop loop(config, run.dir, comm);
 
   int64_t start_step = 0;
   if (!options.resume.empty()) {
@@ -263,12 +255,8 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
   const int64_t end_step =
       options.stop_after > 0 ? std::min(total_steps, start_step + options.stop_after) : total_steps;
 
-  MetricsWriter metrics(
-      options.metrics_path.empty() ? run.dir + "/metrics.jsonl" : options.metrics_path,
-      rank == 0 && (config.get_bool("run.metrics") || !options.metrics_path.empty()));
-  const int64_t eval_every = config.get_int("train.eval_every");
-  const int64_t eval_batches = config.get_int("train.eval_batches");
-  const int64_t log_every = config.get_int("log.every");
+  loop.begin(options, start_step, end_step, total_steps);
+  const int64_t eval_batches = loop.eval_batches();
   std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
 
   auto evaluate = [&](Phase p, double& exited) {
@@ -308,12 +296,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
     log::info0("single_gate phase (b): K-means on ", K, " sequences, cluster sizes [", s, "]");
   };
 
-  TrainSummary summary;
-  summary.first_step = start_step;
   std::vector<int64_t> last_used(static_cast<size_t>(E), -1);
-  double time_sum = 0, tokens_sum = 0;
-  int64_t steps_done = 0, steps_skipped = 0;
-  const bool skip_nonfinite = config.get_string("train.on_nonfinite") == "skip";
   for (int64_t s = start_step; s < end_step; ++s) {
     if (phase_of(s) != phase) enter_phase(phase_of(s));
     if (s == a_end && phase == Phase::kExperts) init_experts();
@@ -341,9 +324,9 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
     sched.total_steps = phase_end(phase) - phase_start(phase);
     sched.warmup_steps = std::min(config.get_int("train.warmup_steps"), sched.total_steps / 4);
     const double lr = sched.at(s - phase_start(phase));
-    const bool skipped = !step_is_finite(s, loss, gnorm, skip_nonfinite);
+    const bool skipped = !step_is_finite(s, loss, gnorm, loop.skip_nonfinite());
     if (skipped) {
-      ++steps_skipped;
+      loop.skip_step();
     } else {
       clip_grad_norm(all_grads, gnorm, config.get_float("train.grad_clip"));
       opt->step(lr);
@@ -357,9 +340,7 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
                 s - last_used[static_cast<size_t>(e)] >= kDeadWindow;
       }
     const double dt = now_s() - t0;
-    time_sum += dt;
-    tokens_sum += double(G * T);
-    ++steps_done;
+    loop.count_step(dt, double(G * T));
     nlohmann::json rec = {{"step", s + 1},        {"phase", phase_name(phase)},
                           {"loss", loss},         {"lr", lr},
                           {"grad_norm", gnorm},   {"tokens_per_s", double(G * T) / dt},
@@ -367,66 +348,30 @@ TrainSummary train_single_gate(const Config& config, const TrainOptions& options
                           {"dead_experts", dead}, {"router_kl", kl_uniform(counts)}};
     if (phase == Phase::kGate) rec["gate_accuracy"] = gate_acc;
     if (skipped) rec["skipped"] = true;
-    const bool last_step = s + 1 == end_step;
-    if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
+    if (loop.eval_due(s)) {
       double exited = 0;
-      const double val = evaluate(phase, exited);
-      rec["val_loss"] = val;
+      rec["val_loss"] = evaluate(phase, exited);
       rec["val_exited"] = exited;
-      summary.last_val_loss = val;
     }
-    metrics.write(rec);
-    summary.last_loss = loss;
-    if (rank == 0 && ((s + 1) % log_every == 0 || last_step || s == start_step)) {
-      const double eta = (time_sum / steps_done) * static_cast<double>(end_step - s - 1);
+    loop.report(s, loss, rec, [&](double eta) {
       std::string line = format_progress(s + 1, total_steps, loss, 0.0, double(G * T) / dt, eta);
       line += cat(" | ", phase_name(phase));
       if (rec.contains("val_loss")) line += cat(" | val ", rec["val_loss"].get<double>());
-      log::info0(line);
-    }
-    // A stop signal on any rank (see install_stop_signal_handlers): checkpoint this step on
-    // every rank and leave the loop, as model/train.cpp does.
-    const int stop_signal = agree_stop_signal(comm);
-    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step || stop_signal != 0) {
-      checkpoint::Metadata meta;
-      meta.step = s + 1;
-      meta.seed = static_cast<int64_t>(seed);
-      meta.data_position = s + 1;
-      meta.config = config.to_yaml();
-      summary.checkpoint = checkpoint::save(ckpt_dir, dense_entries(true), expert_entries(true),
-                                            meta, comm, save_options);
-      log::info0("checkpoint ", summary.checkpoint);
-    }
-    if (stop_signal != 0 && !last_step) {
-      summary.stopped_by_signal = stop_signal;
-      log::info0("stopping at step ", s + 1, " on signal ", stop_signal_name(stop_signal),
-                 ": checkpoint ", summary.checkpoint);
+      return line;
+    });
+    if (loop.checkpoint_or_stop(s, [&] {
+          return CheckpointEntries{dense_entries(true), expert_entries(true)};
+        }))
       break;
-    }
   }
-  summary.last_step = start_step + steps_done;
-  summary.tokens_per_s = time_sum > 0 ? tokens_sum / time_sum : 0;
-  nlohmann::json done = {
-      {"summary", true},
-      {"router", "single_gate"},
-      {"steps", steps_done},
-      {"skipped_steps", steps_skipped},
-      {"first_step", start_step},
-      {"last_step", summary.last_step},
-      {"phases", {{"base", a_end}, {"experts", c_end - a_end}, {"gate", total_steps - c_end}}},
-      {"loss", summary.last_loss},
-      {"val_loss", summary.last_val_loss},
-      {"tokens_per_s", summary.tokens_per_s},
-      {"dead_experts", 0},
-      {"ranks", P},
-      {"checkpoint", summary.checkpoint}};
+  nlohmann::json done = loop.finish();
+  const TrainSummary& summary = loop.summary();
+  done["router"] = "single_gate";
+  done["phases"] = {{"base", a_end}, {"experts", c_end - a_end}, {"gate", total_steps - c_end}};
   int64_t dead = 0;
   for (int64_t v : last_used) dead += v < 0 || summary.last_step - 1 - v >= kDeadWindow;
   done["dead_experts"] = a_end >= summary.last_step ? 0 : dead;
-  if (summary.stopped_by_signal != 0)
-    done["stopped_by_signal"] = stop_signal_name(summary.stopped_by_signal);
-  metrics.write(done);
-  log::info0("done: ", done.dump());
+  loop.write_summary(done);
   return summary;
 }
 

@@ -16,6 +16,7 @@
 #include "model/optim.hpp"
 #include "model/rebalance.hpp"
 #include "model/single_gate_train.hpp"
+#include "model/train_loop.hpp"
 #include "model/transformer.hpp"
 #include "runtime/checkpoint.hpp"
 #include "runtime/cpu.hpp"
@@ -240,11 +241,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   comm.agree(error, kind, "open data");
 
   Transformer model(*mc, comm, seed);
-  AdamWOptions ao;
-  ao.beta1 = config.get_float("train.beta1");
-  ao.beta2 = config.get_float("train.beta2");
-  ao.eps = config.get_float("train.eps");
-  ao.weight_decay = config.get_float("train.weight_decay");
+  const AdamWOptions ao = AdamWOptions::from(config);
   // Two optimisers, one update: dense parameters, and the expert parameters (which a
   // re-placement rebuilds, model/rebalance.hpp). The update is element-wise, so the split
   // changes no value.
@@ -294,20 +291,12 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     return expert_opt.state(static_cast<size_t>(i));
   };
   CheckpointEntries entries = checkpoint_entries(model, adam_state);
-  std::vector<checkpoint::TensorEntry>& dense_entries = entries.dense;
-  std::vector<checkpoint::ExpertEntry>& expert_entries = entries.experts;
-  // An empty checkpoint.dir means <run.dir>/checkpoints.
-  const std::string ckpt_dir = config.get_string("checkpoint.dir").empty()
-                                   ? run.dir + "/checkpoints"
-                                   : config.get_string("checkpoint.dir");
-  const int64_t ckpt_every = config.get_int("checkpoint.every");
-  checkpoint::SaveOptions save_options;
-  save_options.keep = static_cast<int>(config.get_int("checkpoint.keep"));
+  TrainLoop loop(config, run.dir, comm);
 
   int64_t start_step = 0;
   if (!options.resume.empty()) {
     checkpoint::Metadata meta =
-        checkpoint::load(options.resume, dense_entries, expert_entries, comm);
+        checkpoint::load(options.resume, entries.dense, entries.experts, comm);
     start_step = meta.step;
     if (meta.seed != static_cast<int64_t>(seed))
       log::warn("resuming a run with train.seed ", meta.seed, " under train.seed ", seed,
@@ -330,13 +319,7 @@ TrainSummary train(const Config& config, const TrainOptions& options,
   // Memory before the first step: libraries, MPI, parameters, gradients and Adam states.
   const double rss_setup_mb = current_rss_mb();
   const int64_t tensors_setup = tensor_bytes_live();
-  MetricsWriter metrics(
-      options.metrics_path.empty() ? run.dir + "/metrics.jsonl" : options.metrics_path,
-      rank == 0 && (config.get_bool("run.metrics") || !options.metrics_path.empty()));
-  const int64_t eval_every = config.get_int("train.eval_every");
-  const int64_t eval_batches = config.get_int("train.eval_batches");
-  const int64_t log_every = config.get_int("log.every");
-  const bool skip_nonfinite = config.get_string("train.on_nonfinite") == "skip";
+  loop.begin(options, start_step, end_step, total_steps);
   const int64_t m = shape.micro_batch, T = shape.seq_len;
   const double normaliser = static_cast<double>(shape.global_batch * T);
   const double tokens_per_step = normaliser;
@@ -355,13 +338,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                mc->peer.heads, " heads x top-", mc->peer.top_k, ", d_key ", mc->peer.d_key,
                ", batch norm ", mc->peer.batch_norm ? "on" : "off");
 
-  TrainSummary summary;
-  summary.first_step = start_step;
   std::vector<int32_t> windows(static_cast<size_t>(m * (T + 1)));
-  double time_sum = 0, tokens_sum = 0, exchange_sum = 0, imbalance_sum = 0;
-  double rank_imbalance_sum = 0;
+  double exchange_sum = 0, imbalance_sum = 0, rank_imbalance_sum = 0;
   RouterHealth health(model);
-  int64_t steps_done = 0, steps_skipped = 0;
   const int64_t peer_usage_window = config.get_int("model.peer.usage_window");
   for (int64_t s = start_step; s < end_step; ++s) {
     const double t0 = now_s();
@@ -391,9 +370,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     const double t_norm = now_s();
     const double norm = comm::global_grad_norm(dense_cgrads, expert_cgrads, comm, expert_rows);
     const double lr = schedule.at(s);
-    const bool skipped = !step_is_finite(s, loss, norm, skip_nonfinite);
+    const bool skipped = !step_is_finite(s, loss, norm, loop.skip_nonfinite());
     if (skipped) {
-      ++steps_skipped;
+      loop.skip_step();
     } else {
       // Clipping inside the update: one pass over parameters, gradients and moments.
       const float clip = clip_factor(norm, config.get_float("train.grad_clip"));
@@ -428,10 +407,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     const double dt = now_s() - t0;
     const double tps = tokens_per_step / dt;
     const double mfu = tps * flops_per_token / (job_peak * 1e9);
-    time_sum += dt;
-    tokens_sum += tokens_per_step;
+    loop.count_step(dt, tokens_per_step);
     exchange_sum += exch;
-    ++steps_done;
 
     nlohmann::json rec = {{"step", s + 1},
                           {"loss", loss},
@@ -482,16 +459,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
         rec["peer_retrieval_seconds"] = comm.max(ps.retrieval_seconds, "peer retrieval");
         rec["grad_norm_seconds"] = norm_seconds;
       }
-    const bool last_step = s + 1 == end_step;
-    if ((eval_every > 0 && (s + 1) % eval_every == 0) || last_step) {
-      const double val = evaluate(model, *val_data, shape, seed, eval_batches, comm);
-      rec["val_loss"] = val;
-      summary.last_val_loss = val;
-    }
-    metrics.write(rec);
-    summary.last_loss = loss;
-    if (rank == 0 && ((s + 1) % log_every == 0 || last_step || s == start_step)) {
-      const double eta = (time_sum / steps_done) * static_cast<double>(end_step - s - 1);
+    if (loop.eval_due(s))
+      rec["val_loss"] = evaluate(model, *val_data, shape, seed, loop.eval_batches(), comm);
+    loop.report(s, loss, rec, [&](double eta) {
       std::string line = format_progress(s + 1, total_steps, loss, aux, tps, eta);
       if (rec.contains("val_loss")) line += cat(" | val ", rec["val_loss"].get<double>());
       line += cat(" | mfu ", static_cast<int>(std::lround(mfu * 100)), "%");
@@ -500,31 +470,14 @@ TrainSummary train(const Config& config, const TrainOptions& options,
         if (rebalancer)
           line += cat(" | repl ", rebalancer->replicas(), " moves ", rebalancer->rebalances());
       }
-      log::info0(line);
-    }
-    // A stop signal (Slurm's --signal before the time limit, or SIGTERM) on any rank: all ranks
-    // see the same maximum signal number after this step, checkpoint it and leave the loop.
-    const int stop_signal = agree_stop_signal(comm);
-    if ((ckpt_every > 0 && (s + 1) % ckpt_every == 0) || last_step || stop_signal != 0) {
-      checkpoint::Metadata meta;
-      meta.step = s + 1;
-      meta.seed = static_cast<int64_t>(seed);
-      meta.data_position = s + 1;
-      meta.config = config.to_yaml();
-      summary.checkpoint =
-          checkpoint::save(ckpt_dir, dense_entries, expert_entries, meta, comm, save_options);
-      log::info0("checkpoint ", summary.checkpoint);
-    }
-    if (stop_signal != 0 && !last_step) {
-      summary.stopped_by_signal = stop_signal;
-      log::info0("stopping at step ", s + 1, " on signal ", stop_signal_name(stop_signal),
-                 ": checkpoint ", summary.checkpoint);
-      break;
-    }
+      return line;
+    });
+    if (loop.checkpoint_or_stop(s, [&] { return entries; })) break;
   }
-  const int64_t last_step_run = start_step + steps_done;
-  summary.last_step = last_step_run;
-  summary.tokens_per_s = time_sum > 0 ? tokens_sum / time_sum : 0;
+  nlohmann::json done = loop.finish();
+  TrainSummary& summary = loop.summary();
+  const double time_sum = loop.time_sum();
+  const int64_t steps_done = loop.steps_done();
   summary.mfu = summary.tokens_per_s * flops_per_token / (job_peak * 1e9);
   // Memory: peak resident set of the largest rank against the state every rank must hold
   // (its parameters, gradients and two Adam moments: 4 floats per parameter it owns).
@@ -575,31 +528,18 @@ TrainSummary train(const Config& config, const TrainOptions& options,
              ") + other tensors ", std::lround(mem[1] - state_mb), " + non-tensor ",
              std::lround(rss_mb - mem[2]), " (libraries, MPI, windows; ",
              std::lround(mem[0] - mem[1]), " before the first step)");
-  nlohmann::json done = {{"summary", true},
-                         {"steps", steps_done},
-                         {"skipped_steps", steps_skipped},
-                         {"first_step", start_step},
-                         {"last_step", last_step_run},
-                         {"loss", summary.last_loss},
-                         {"val_loss", summary.last_val_loss},
-                         {"tokens_per_s", summary.tokens_per_s},
-                         {"mfu", summary.mfu},
-                         {"exchange_fraction", time_sum > 0 ? exchange_sum / time_sum : 0},
-                         {"expert_imbalance_mean", steps_done ? imbalance_sum / steps_done : 0},
-                         {"rank_imbalance_mean", steps_done ? rank_imbalance_sum / steps_done : 0},
-                         {"rebalances", rebalancer ? rebalancer->rebalances() : 0},
-                         {"dead_experts", health.last_dead()},
-                         {"router_kl", health.run_kl()},
-                         {"peak_gflops", job_peak},
-                         {"peak_rss_mb", rss_mb},
-                         {"state_mb", state_mb},
-                         {"memory", memory},
-                         {"ranks", P},
-                         {"checkpoint", summary.checkpoint}};
-  if (summary.stopped_by_signal != 0)
-    done["stopped_by_signal"] = stop_signal_name(summary.stopped_by_signal);
-  metrics.write(done);
-  log::info0("done: ", done.dump());
+  done["mfu"] = summary.mfu;
+  done["exchange_fraction"] = time_sum > 0 ? exchange_sum / time_sum : 0;
+  done["expert_imbalance_mean"] = steps_done ? imbalance_sum / steps_done : 0;
+  done["rank_imbalance_mean"] = steps_done ? rank_imbalance_sum / steps_done : 0;
+  done["rebalances"] = rebalancer ? rebalancer->rebalances() : 0;
+  done["dead_experts"] = health.last_dead();
+  done["router_kl"] = health.run_kl();
+  done["peak_gflops"] = job_peak;
+  done["peak_rss_mb"] = rss_mb;
+  done["state_mb"] = state_mb;
+  done["memory"] = memory;
+  loop.write_summary(done);
   return summary;
 }
 

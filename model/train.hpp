@@ -43,7 +43,7 @@ struct TrainSummary {
 // train() installs them itself; call this earlier to cover start-up too. Idempotent.
 void install_stop_signal_handlers();
 
-// Shared by the trainers (model/train.cpp, model/single_gate_train.cpp), once per step:
+// Used once per step by TrainLoop (model/train_loop.hpp), which both trainers share:
 // The stop signal received on any rank so far (the largest signal number; 0: none). Collective,
 // so every rank sees the same value after the same step.
 int agree_stop_signal(const comm::Communicator& comm);
