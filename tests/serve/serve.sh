@@ -67,20 +67,7 @@ curl -sN -m 0.05 -X POST --data-binary '{"prompt": "a", "max_tokens": 60, "strea
 alive "a dropped stream"
 
 # 64 concurrent greedy clients (the server's batch is 4): each gets the reference text.
-pids=()
-for i in $(seq 1 64); do
-  curl -s -m 60 -o "$S/conc_$i.json" -X POST --data-binary "$GREEDY" "$URL/v1/completions" &
-  pids+=($!)
-done
-wait "${pids[@]}"
-python3 - "$S" "$S/reference.txt" <<'PY' || fail "concurrent clients"
-import json, sys
-want = open(sys.argv[2], encoding="utf-8").read()
-for i in range(1, 65):
-    r = json.load(open(f"{sys.argv[1]}/conc_{i}.json"))
-    assert r["choices"][0]["text"] == want, (i, r)
-print("+ 64 concurrent clients: all equal the reference")
-PY
+concurrent_greedy 64
 # Sampled: the same tokens as moe-generate with the same seed and options.
 out=$(post "{\"prompt\": \"$PROMPT\", \"max_tokens\": $N, \"temperature\": 0.8, \"top_k\": 20, \"top_p\": 0.9, \"seed\": 5}")
 [ "${out%% *}" = 200 ] || fail "sampled completion: $out"

@@ -112,3 +112,25 @@ assert all("token_id" in e["choices"][0] for e in events[:-1])
 print(f"+ stream: {len(events)} events, same text")
 PY
 }
+
+# concurrent_greedy N [COMMAND...]: N greedy clients ($GREEDY) at once; COMMAND (if any) runs while
+# they are in flight; each client must get the reference text.
+concurrent_greedy() {
+  local n=$1 i
+  shift
+  local pids=()
+  for i in $(seq 1 "$n"); do
+    curl -s -m 60 -o "$S/conc_$i.json" -X POST --data-binary "$GREEDY" "$URL/v1/completions" &
+    pids+=($!)
+  done
+  [ $# -gt 0 ] && "$@"
+  wait "${pids[@]}"
+  python3 - "$S" "$S/reference.txt" "$n" <<'PY' || fail "$n concurrent clients"
+import json, sys
+want = open(sys.argv[2], encoding="utf-8").read()
+for i in range(1, int(sys.argv[3]) + 1):
+    r = json.load(open(f"{sys.argv[1]}/conc_{i}.json"))
+    assert r["choices"][0]["text"] == want, (i, r)
+print(f"+ {sys.argv[3]} concurrent clients: all equal the reference")
+PY
+}

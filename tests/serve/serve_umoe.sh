@@ -27,20 +27,7 @@ GREEDY="{\"prompt\": \"$PROMPT\", \"max_tokens\": $N, \"temperature\": 0}"
 for np in 2 4; do
   start_server $np --max-batch 4
   check_greedy
-  pids=()
-  for i in $(seq 1 8); do
-    curl -s -m 60 -o "$S/conc_$i.json" -X POST --data-binary "$GREEDY" "$URL/v1/completions" &
-    pids+=($!)
-  done
-  wait "${pids[@]}"
-  python3 - "$S" "$S/reference.txt" <<'PY' || fail "concurrent clients on np $np"
-import json, sys
-want = open(sys.argv[2], encoding="utf-8").read()
-for i in range(1, 9):
-    r = json.load(open(f"{sys.argv[1]}/conc_{i}.json"))
-    assert r["choices"][0]["text"] == want, (i, r)
-print("+ 8 concurrent clients: all equal the reference")
-PY
+  concurrent_greedy 8
   stop_server
 done
 echo "PASS"
