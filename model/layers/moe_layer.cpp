@@ -234,11 +234,13 @@ void MoeLayer::zero_grad() {
 }
 
 void MoeLayer::combine_weighted(View y) const {
-  const int64_t T = y.rows, d = d_;
-  const int k = route_.k;
-  const std::vector<uint8_t>& kept = plan_.kept();
-  const float* w = route_.weight.data();
-  ConstView slot_out(slot_out_.data(), T * k, d);
+  moe::model::combine_weighted(ConstView(slot_out_.data(), y.rows * route_.k, d_),
+                               route_.weight.data(), plan_.kept(), route_.k, y);
+}
+
+void combine_weighted(ConstView slot_out, const float* w, const std::vector<uint8_t>& kept, int k,
+                      View y) {
+  const int64_t T = y.rows, d = y.cols;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float* yr = y.row(t);

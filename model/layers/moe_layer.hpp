@@ -117,6 +117,12 @@ struct MoeLoadStats {
   double expert_seconds = 0.0;    // this rank, inside ExpertBank forward + backward
 };
 
+// The combine's local part, shared by the MoE layer and UMoE attention: y_t = sum over kept
+// slots s = t k + j of w_s slot_out_s (a token with no kept slot gets a zero row).
+// slot_out [T*k, d], w and kept [T*k], y [T, d].
+void combine_weighted(ConstView slot_out, const float* w, const std::vector<uint8_t>& kept, int k,
+                      View y);
+
 // combine^T, local part shared by the MoE layer and UMoE attention: for slot s = t k + j,
 // dweight(t, j) = <dy_t, slot_out_s> and ds_s = w_s dy_t; a slot that is not kept gets 0 and a
 // zero row. dy [T, d], slot_out [T*k, d], w and kept [T*k], dweight [T, k], ds [T*k, d].

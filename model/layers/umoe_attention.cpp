@@ -265,20 +265,7 @@ void UmoeAttention::experts_forward(int64_t T, View y) {
   ex_.dispatch_slots(plan_, ConstView(routed_.z.data(), T * k, d), xin);
   experts_.forward(xin, plan_.recv_offsets(), yout, cache_);
   ex_.combine(plan_, yout, slot_out);
-  const std::vector<uint8_t>& kept = plan_.kept();
-  const float* w = route_.weight.data();
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    float* yr = y.row(t);
-    for (int64_t c = 0; c < d; ++c) yr[c] = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      if (!kept[t * k + j]) continue;
-      const float wj = w[t * k + j];
-      const float* so = slot_out.row(t * k + j);
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) yr[c] += wj * so[c];
-    }
-  }
+  combine_weighted(slot_out, route_.weight.data(), plan_.kept(), k, y);
 
   // shared experts, each on its own mixture (rows t*n_s + s)
   const int ns = config_.shared_experts;
