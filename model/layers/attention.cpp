@@ -101,6 +101,24 @@ void Rope::apply_at(View x, int64_t first) const {
   rotate(x, first, 1.0f);
 }
 
+int64_t stack_cached_rows(const std::string& layer, int64_t d, std::span<const int64_t> n_new,
+                          std::span<KvCache* const> caches, std::vector<int64_t>& row0) {
+  MOE_CHECK_EQ(n_new.size(), caches.size(), cat(layer, ".forward_cached: sequences"));
+  const size_t B = n_new.size();
+  row0.assign(B + 1, 0);
+  int64_t max_end = 0;
+  for (size_t b = 0; b < B; ++b) {
+    const KvCache& c = *caches[b];
+    const int64_t nb = n_new[b];
+    MOE_CHECK(nb >= 1 && c.d == d && c.len + nb <= c.capacity(), layer,
+              ".forward_cached: sequence ", b, " appends ", nb, " tokens to a cache of ", c.len,
+              "/", c.capacity(), " positions of width ", c.d);
+    row0[b + 1] = row0[b] + nb;
+    max_end = std::max(max_end, c.capacity());
+  }
+  return max_end;
+}
+
 KvCache::KvCache(int64_t capacity, int64_t d_model)
     : k({std::max<int64_t>(capacity, 1), d_model}),
       v({std::max<int64_t>(capacity, 1), d_model}),
@@ -239,19 +257,8 @@ void Attention::forward(ConstView x, int64_t n_seq, View y, int64_t pos0) {
 
 void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
                                std::span<KvCache* const> caches, View y) {
-  MOE_CHECK_EQ(n_new.size(), caches.size(), cat(name_, ".forward_cached: sequences"));
   const int64_t B = static_cast<int64_t>(n_new.size()), d = d_, H = h_, dh = dh_;
-  row0_.assign(static_cast<size_t>(B) + 1, 0);
-  int64_t max_end = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const KvCache& c = *caches[static_cast<size_t>(b)];
-    const int64_t nb = n_new[static_cast<size_t>(b)];
-    MOE_CHECK(nb >= 1 && c.d == d && c.len + nb <= c.capacity(), name_,
-              ".forward_cached: sequence ", b, " appends ", nb, " tokens to a cache of ", c.len,
-              "/", c.capacity(), " positions of width ", c.d);
-    row0_[static_cast<size_t>(b) + 1] = row0_[static_cast<size_t>(b)] + nb;
-    max_end = std::max(max_end, c.capacity());
-  }
+  const int64_t max_end = stack_cached_rows(name_, d, n_new, caches, row0_);
   const int64_t n = row0_.back();
   MOE_CHECK_SHAPE(x, n, d, cat(name_, ".forward_cached x"));
   MOE_CHECK_SHAPE(y, n, d, cat(name_, ".forward_cached y"));

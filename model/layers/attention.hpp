@@ -86,6 +86,12 @@ struct KvCache {
   int64_t cap = 0, d = 0;
 };
 
+// A decode step's sequences: checks that sequence b can append n_new[b] rows of width d to its
+// cache (an error naming `layer` otherwise), sets row0 [B + 1] to each sequence's first row in
+// the step's stacked rows, and returns the largest cache capacity (0 with no sequence).
+int64_t stack_cached_rows(const std::string& layer, int64_t d, std::span<const int64_t> n_new,
+                          std::span<KvCache* const> caches, std::vector<int64_t>& row0);
+
 struct AttentionConfig {
   int64_t n_heads = 4;
   bool bias = false;  // biases on the QKV and output projections

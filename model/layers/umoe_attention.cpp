@@ -278,19 +278,8 @@ void UmoeAttention::experts_forward(int64_t T, View y) {
 
 void UmoeAttention::forward_cached(ConstView x, std::span<const int64_t> n_new,
                                    std::span<KvCache* const> caches, View y) {
-  MOE_CHECK_EQ(n_new.size(), caches.size(), cat(name_, ".forward_cached: sequences"));
   const int64_t B = static_cast<int64_t>(n_new.size()), d = d_, dqk = dqk_;
-  row0_.assign(static_cast<size_t>(B) + 1, 0);
-  int64_t max_end = 1;
-  for (int64_t b = 0; b < B; ++b) {
-    const KvCache& c = *caches[static_cast<size_t>(b)];
-    const int64_t nb = n_new[static_cast<size_t>(b)];
-    MOE_CHECK(nb >= 1 && c.d == d && c.len + nb <= c.capacity(), name_,
-              ".forward_cached: sequence ", b, " appends ", nb, " tokens to a cache of ", c.len,
-              "/", c.capacity(), " positions of width ", c.d);
-    row0_[static_cast<size_t>(b) + 1] = row0_[static_cast<size_t>(b)] + nb;
-    max_end = std::max(max_end, c.capacity());
-  }
+  const int64_t max_end = std::max<int64_t>(1, stack_cached_rows(name_, d, n_new, caches, row0_));
   const int64_t T = row0_.back(), nq = E_ + config_.shared_experts;
   MOE_CHECK_SHAPE(x, T, d, cat(name_, ".forward_cached x"));
   MOE_CHECK_SHAPE(y, T, d, cat(name_, ".forward_cached y"));
