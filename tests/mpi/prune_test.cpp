@@ -134,6 +134,35 @@ std::vector<float> logits(Transformer& model, const std::string& data, const Com
   return out;
 }
 
+// The tiny model with planted expert pairs, saved to <dir>/in, and its logits before pruning.
+struct Planted {
+  std::string dir, data;
+  std::vector<float> ref;
+};
+
+Planted planted_checkpoint(const Communicator& comm) {
+  Planted p;
+  p.dir = scratch(comm);
+  p.data = token_file(p.dir, comm);
+  const Config config = tiny_config(p.data, 1);
+  Transformer model(moe::model::ModelConfig::from(config, 256), comm, 5);
+  plant_pairs(model);
+  save(model, config, p.dir + "/in", comm);
+  p.ref = logits(model, p.data, comm);
+  return p;
+}
+
+// Options pruning the planted checkpoint to 4 experts into <dir>/<out>.
+moe::model::PruneOptions prune_to_4(const Planted& p, const std::string& out) {
+  moe::model::PruneOptions o;
+  o.checkpoint = p.dir + "/in";
+  o.task_data = p.data;
+  o.output = p.dir + "/" + out;
+  o.target = 4;
+  o.tokens = 2048;
+  return o;
+}
+
 double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
   double m = 0;
@@ -146,20 +175,10 @@ double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 TEST(Prune, MergedPairsKeepTheModelsFunction) {
   const Communicator comm = Communicator::world();
-  const std::string dir = scratch(comm), data = token_file(dir, comm);
-  const Config config = tiny_config(data, 1);
-  const auto mc = moe::model::ModelConfig::from(config, 256);
-  Transformer model(mc, comm, 5);
-  plant_pairs(model);
-  save(model, config, dir + "/in", comm);
-  const std::vector<float> ref = logits(model, data, comm);
-
-  moe::model::PruneOptions o;
-  o.checkpoint = dir + "/in";
-  o.task_data = data;
-  o.output = dir + "/merge";
-  o.target = 4;
-  o.tokens = 2048;
+  const Planted p = planted_checkpoint(comm);
+  const std::string &dir = p.dir, &data = p.data;
+  const std::vector<float>& ref = p.ref;
+  moe::model::PruneOptions o = prune_to_4(p, "merge");
   const auto report = moe::model::prune_checkpoint(o, comm);
   ASSERT_EQ(report.plans.size(), 2u);
   for (size_t l = 0; l < 2; ++l) {
@@ -233,19 +252,10 @@ TEST(Prune, DenseCheckpointIsRejected) {
 // from when run on 2), gives the original logits: the merged pairs compute what they did.
 TEST(Prune, OneLayerPrunedLoadsOnFewerRanks) {
   const Communicator comm = Communicator::world();
-  const std::string dir = scratch(comm), data = token_file(dir, comm);
-  const Config config = tiny_config(data, 1);
-  Transformer model(moe::model::ModelConfig::from(config, 256), comm, 5);
-  plant_pairs(model);
-  save(model, config, dir + "/in", comm);
-  const std::vector<float> ref = logits(model, data, comm);
-
-  moe::model::PruneOptions o;
-  o.checkpoint = dir + "/in";
-  o.task_data = data;
-  o.output = dir + "/layer1";
-  o.target = 4;
-  o.tokens = 2048;
+  const Planted p = planted_checkpoint(comm);
+  const std::string &dir = p.dir, &data = p.data;
+  const std::vector<float>& ref = p.ref;
+  moe::model::PruneOptions o = prune_to_4(p, "layer1");
   o.layers = {1};
   const auto report = moe::model::prune_checkpoint(o, comm);
   ASSERT_EQ(report.plans.size(), 2u);
