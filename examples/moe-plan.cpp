@@ -27,6 +27,7 @@
 #include "runtime/data.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gemm.hpp"
+#include "runtime/log.hpp"
 #include "runtime/run.hpp"
 #include "runtime/tensor.hpp"
 #include "runtime/threads.hpp"
@@ -220,19 +221,6 @@ std::string secs(double s) {
   return b;
 }
 
-std::string count(double x) {
-  char b[32];
-  if (x >= 1e9)
-    std::snprintf(b, sizeof b, "%.2fG", x / 1e9);
-  else if (x >= 1e6)
-    std::snprintf(b, sizeof b, "%.2fM", x / 1e6);
-  else if (x >= 1e3)
-    std::snprintf(b, sizeof b, "%.1fk", x / 1e3);
-  else
-    std::snprintf(b, sizeof b, "%.0f", x);
-  return b;
-}
-
 // The workload of `mode` at P ranks: weak keeps micro_batch per rank (global = P x micro),
 // strong splits global_batch over the ranks (micro = global / P). No accumulation.
 bool workload(const std::string& mode, int64_t P, int64_t micro, int64_t global, double imb,
@@ -333,8 +321,8 @@ int plan(const moe::Config& config, const Options& o) {
       "vocab %lld, seq_len %lld; %s dense parameters (all-reduced), %s per expert\n",
       mc.n_layers, mc.n_moe_layers(), static_cast<long long>(mc.d_model), mc.moe.n_experts,
       mc.moe.top_k, static_cast<long long>(mc.moe.d_ff), static_cast<long long>(mc.vocab_size),
-      static_cast<long long>(T), count(model.dense_params()).c_str(),
-      count(model.expert_params()).c_str());
+      static_cast<long long>(T), moe::format_si(model.dense_params()).c_str(),
+      moe::format_si(model.expert_params()).c_str());
   if (!o.rates_file.empty())
     std::printf("compute: GEMM rates from %s (%zu shapes, nearest shape)", o.rates_file.c_str(),
                 rates.size());
@@ -461,12 +449,12 @@ int plan(const moe::Config& config, const Options& o) {
       const double eff_h = p.tokens_per_s_hier / (scale * base->tokens_per_s_flat);
       std::printf(
           "%6d %6d %8s | %9s %9s %9s %9s %9s | %9s %9s | %10s %10s | %5.2f %5.2f | %5.2f %4d\n",
-          c.layout.nodes, c.layout.ranks(), count(p.tokens_per_rank).c_str(),
+          c.layout.nodes, c.layout.ranks(), moe::format_si(p.tokens_per_rank).c_str(),
           secs(p.compute_s).c_str(), secs(p.expert_s * p.oversubscription).c_str(),
           secs(p.a2a_flat_s).c_str(), secs(std::min(p.a2a_hier_s, p.a2a_hier2d_s)).c_str(),
           secs(p.allreduce_s).c_str(), secs(p.step_flat_s).c_str(), secs(p.step_hier_s).c_str(),
-          count(p.tokens_per_s_flat).c_str(), count(p.tokens_per_s_hier).c_str(), eff_f, eff_h,
-          p.expert_load, p.replicas);
+          moe::format_si(p.tokens_per_s_flat).c_str(), moe::format_si(p.tokens_per_s_hier).c_str(),
+          eff_f, eff_h, p.expert_load, p.replicas);
     }
   }
   std::printf(
