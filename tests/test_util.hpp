@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <random>
+#include <vector>
 
 #include "runtime/tensor.hpp"
 
@@ -15,6 +16,15 @@ inline void randomize(View v, uint32_t seed, float scale = 1.0f) {
   std::uniform_real_distribution<float> u(-scale, scale);
   for (int64_t i = 0; i < v.rows; ++i)
     for (int64_t j = 0; j < v.cols; ++j) v(i, j) = u(rng);
+}
+
+// n_seq training windows of seq_len + 1 token ids in [0, vocab), from a seeded mt19937.
+inline std::vector<int32_t> random_windows(int64_t n_seq, int64_t seq_len, int64_t vocab,
+                                           uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> w(static_cast<size_t>(n_seq * (seq_len + 1)));
+  for (auto& t : w) t = static_cast<int32_t>(rng() % vocab);
+  return w;
 }
 
 }  // namespace moe::test

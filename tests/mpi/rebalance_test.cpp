@@ -2,6 +2,7 @@
 // away and back restores weights and AdamW state bit for bit; replicas stay identical over
 // steps, and training with them gives the losses of training without (both exchange paths).
 #include "model/rebalance.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -38,19 +39,12 @@ ModelConfig tiny(moe::model::ExchangeMode mode) {
   return c;
 }
 
-std::vector<int32_t> windows(int64_t n_seq, int64_t seq_len, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> w(static_cast<size_t>(n_seq * (seq_len + 1)));
-  for (auto& t : w) t = static_cast<int32_t>(rng() % vocab);
-  return w;
-}
-
 // One training step of the experts only (dense parameters stay: their gradients would need the
 // all-reduce of the training loop): forward, backward, replica sum, AdamW. Returns the loss.
 double step(Transformer& model, AdamW& opt, ExpertRebalancer* rb, const Communicator& comm,
             uint32_t seed) {
   const int64_t n_seq = 2 * comm.size(), seq_len = 8, per = 2;
-  const auto data = windows(n_seq, seq_len, model.config().vocab_size, seed);
+  const auto data = moe::test::random_windows(n_seq, seq_len, model.config().vocab_size, seed);
   std::span<const int32_t> mine(data.data() + comm.rank() * per * (seq_len + 1),
                                 static_cast<size_t>(per * (seq_len + 1)));
   model.zero_grad();

@@ -3,6 +3,7 @@
 // each phase; gradients match finite differences; early exit with threshold 0 skips the
 // exchange entirely.
 #include "model/single_gate.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -39,13 +40,6 @@ SingleGateConfig sg(double ensemble = 0.5, bool freeze_base = true) {
   s.ensemble = ensemble;
   s.freeze_base = freeze_base;
   return s;
-}
-
-std::vector<int32_t> windows(int64_t n_seq, int64_t seq_len, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> w(static_cast<size_t>(n_seq * (seq_len + 1)));
-  for (auto& t : w) t = static_cast<int32_t>(rng() % vocab);
-  return w;
 }
 
 struct Result {
@@ -123,7 +117,7 @@ TEST_P(SingleGateDistributed, EqualsSingleRank) {
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
   const ModelConfig cfg = tiny(tie);
-  auto data = windows(kSeq, kLen, cfg.vocab_size, 5);
+  auto data = moe::test::random_windows(kSeq, kLen, cfg.vocab_size, 5);
   Result dist = run(cfg, sg(0.5, freeze), world, phase, data, {});
   Result single = run(cfg, sg(0.5, freeze), self, phase, data, {});
   expect_same(dist, single);
@@ -143,7 +137,7 @@ TEST(SingleGate, SequencesReachOneExpertWhole) {
   Communicator world = Communicator::world();
   Communicator self = world.split(world.rank(), 0);
   const ModelConfig cfg = tiny(true);
-  auto data = windows(kSeq, kLen, cfg.vocab_size, 9);
+  auto data = moe::test::random_windows(kSeq, kLen, cfg.vocab_size, 9);
   const std::vector<int32_t> forced = {0, 3, 0, 1, 0, 3, 0, 1};
   Result dist = run(cfg, sg(), world, Phase::kExperts, data, forced);
   Result single = run(cfg, sg(), self, Phase::kExperts, data, forced);
@@ -161,7 +155,7 @@ TEST(SingleGate, SequencesReachOneExpertWhole) {
 TEST(SingleGate, EarlyExitThresholdZeroSkipsTheExchange) {
   Communicator world = Communicator::world();
   const ModelConfig cfg = tiny(true);
-  auto data = windows(kSeq, kLen, cfg.vocab_size, 3);
+  auto data = moe::test::random_windows(kSeq, kLen, cfg.vocab_size, 3);
   const int64_t per = kSeq / world.size();
   std::span<const int32_t> mine(data.data() + world.rank() * per * (kLen + 1),
                                 static_cast<size_t>(per * (kLen + 1)));
@@ -201,7 +195,7 @@ TEST_P(SingleGateGradient, MatchesFiniteDifferences) {
   Communicator self = world.split(world.rank(), 0);
   const ModelConfig cfg = tiny(false);
   const int64_t n_seq = 4;
-  auto data = windows(n_seq, kLen, cfg.vocab_size, 11);
+  auto data = moe::test::random_windows(n_seq, kLen, cfg.vocab_size, 11);
   SingleGateModel model(cfg, sg(ensemble, freeze), self, 3);
   const std::vector<int32_t> forced = {2, 0, 2, 3};
   if (phase == Phase::kExperts) model.force_experts(forced);

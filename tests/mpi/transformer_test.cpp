@@ -2,6 +2,7 @@
 // result for the same global weights and tokens, and the loss gradient matches finite
 // differences.
 #include "model/transformer.hpp"
+#include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -32,13 +33,6 @@ ModelConfig tiny(int every_n, bool tie) {
   c.moe.aux_loss_coef = 0.01;
   c.moe.z_loss_coef = 0.001;
   return c;
-}
-
-std::vector<int32_t> windows(int64_t n_seq, int64_t seq_len, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> w(static_cast<size_t>(n_seq * (seq_len + 1)));
-  for (auto& t : w) t = static_cast<int32_t>(rng() % vocab);
-  return w;
 }
 
 // Loss and gradients by parameter name after one forward + backward of `global` sequences,
@@ -88,7 +82,7 @@ TEST_P(TransformerDistributed, EqualsSingleRank) {
   Communicator self = world.split(world.rank(), 0);
   ModelConfig cfg = tiny(every_n, tie);
   const int64_t n_seq = 4, seq_len = 8;
-  auto data = windows(n_seq, seq_len, cfg.vocab_size, 5);
+  auto data = moe::test::random_windows(n_seq, seq_len, cfg.vocab_size, 5);
   Result dist = run(cfg, world, data, n_seq, seq_len);
   Result single = run(cfg, self, data, n_seq, seq_len);
   EXPECT_NEAR(dist.loss, single.loss, 1e-5 * std::abs(single.loss));
@@ -114,7 +108,7 @@ TEST(Transformer, GradientMatchesFiniteDifferences) {
   Communicator self = world.split(world.rank(), 0);
   ModelConfig cfg = tiny(1, false);
   const int64_t n_seq = 2, seq_len = 6;
-  auto data = windows(n_seq, seq_len, cfg.vocab_size, 11);
+  auto data = moe::test::random_windows(n_seq, seq_len, cfg.vocab_size, 11);
   Transformer model(cfg, self, 3);
   auto total = [&] {
     double l = model.forward(data, n_seq, seq_len, double(n_seq * seq_len));
