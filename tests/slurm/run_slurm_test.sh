@@ -94,7 +94,28 @@ runuser -u munge -- munged --key-file="$T/munge/munge.key" --socket="$SOCK" \
   --seed-file="$T/munge/munged.seed" || fail "munged did not start"
 
 # -- slurm.conf: two nodes on this host, ports chosen from the process id ----------------------
-base=$((20000 + ($$ % 2000) * 8))
+# Below Linux's ephemeral range (32768 and up), where the sockets of tests running alongside
+# (servers on free ports, MPI's TCP connections) take theirs, and free when chosen: a slurmd
+# once failed with "Address already in use" on a port above 32768.
+ports_free() {  # BASE: ports BASE .. BASE+5 can be bound on 127.0.0.1 now
+  python3 - "$1" <<'PY'
+import socket, sys
+b = int(sys.argv[1])
+for p in range(b, b + 6):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        sys.exit(1)
+    finally:
+        s.close()
+PY
+}
+base=$((20000 + ($$ % 1500) * 8))
+for _ in $(seq 1 50); do
+  ports_free "$base" && break
+  base=$((20000 + (base - 20000 + 8 * 97) % 12000))
+done
 HOST=$(hostname -s)
 cat >"$T/slurm.conf" <<EOF
 ClusterName=moetest
