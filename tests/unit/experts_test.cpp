@@ -18,7 +18,9 @@ using moe::model::Activation;
 using moe::model::ExpertBank;
 using moe::model::ExpertCache;
 
+using moe::test::grad_error;
 using moe::test::randomize;
+using moe::test::to_double;
 
 namespace {
 
@@ -58,24 +60,6 @@ struct Reference {
     return l;
   }
 };
-
-std::vector<double> to_double(ConstView v) {
-  std::vector<double> out;
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) out.push_back(v(i, j));
-  return out;
-}
-
-double grad_error(ConstView analytic, const std::vector<double>& fd) {
-  double num = 0.0, den = 1e-12;
-  for (int64_t i = 0; i < analytic.rows; ++i)
-    for (int64_t j = 0; j < analytic.cols; ++j) {
-      double g = fd[i * analytic.cols + j];
-      num = std::max(num, std::abs(analytic(i, j) - g));
-      den = std::max(den, std::abs(g));
-    }
-  return num / den;
-}
 
 }  // namespace
 

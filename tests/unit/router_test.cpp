@@ -23,7 +23,9 @@ using moe::model::RouteResult;
 using moe::model::TopKOptions;
 using moe::model::TopKRouter;
 
+using moe::test::grad_error;
 using moe::test::randomize;
+using moe::test::to_double;
 
 namespace {
 
@@ -91,25 +93,6 @@ struct Reference {
     return main + s * (a * lb + b * z);
   }
 };
-
-std::vector<double> to_double(ConstView v) {
-  std::vector<double> out;
-  for (int64_t i = 0; i < v.rows; ++i)
-    for (int64_t j = 0; j < v.cols; ++j) out.push_back(v(i, j));
-  return out;
-}
-
-// max |analytic - fd| / max |fd|
-double grad_error(ConstView analytic, const std::vector<double>& fd) {
-  double num = 0.0, den = 1e-12;
-  for (int64_t i = 0; i < analytic.rows; ++i)
-    for (int64_t j = 0; j < analytic.cols; ++j) {
-      double g = fd[i * analytic.cols + j];
-      num = std::max(num, std::abs(analytic(i, j) - g));
-      den = std::max(den, std::abs(g));
-    }
-  return num / den;
-}
 
 }  // namespace
 
