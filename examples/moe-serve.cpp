@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -255,7 +256,7 @@ int main(int argc, char** argv) {
   return moe::run_or_die([&]() -> int {
     CLI::App app{"moe-serve: an HTTP completion service over a checkpoint"};
     std::string ckpt, data, host = "127.0.0.1";
-    int port = 8000, max_batch = 8, threads_http = 80;
+    int port = 8000, max_batch = 8, threads_http = 0;
     int64_t max_context = 0;
     app.add_option("--checkpoint", ckpt, "checkpoint root or step directory")->required();
     app.add_option("--host", host, "address to bind (rank 0)");
@@ -265,7 +266,8 @@ int main(int argc, char** argv) {
     app.add_option("--max-context", max_context,
                    "positions per sequence, prompt + max_tokens (default: train.seq_len)")
         ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
-    app.add_option("--http-threads", threads_http, "HTTP worker threads (concurrent clients)")
+    app.add_option("--http-threads", threads_http,
+                   "HTTP worker threads, one per open connection (default: max(80, 2 x max batch))")
         ->check(CLI::Range(1, 4096));
     app.add_option("--data", data, "token file whose tokenizer to use (default: the run's)");
     try {
@@ -274,6 +276,9 @@ int main(int argc, char** argv) {
       if (e.get_exit_code() == 0) return app.exit(e);
       throw moe::Error(moe::ErrorKind::kConfig, cat("moe-serve: ", e.what()));
     }
+    // A streamed completion holds its HTTP thread until its last token: fewer threads than
+    // max batch would leave batch slots that no connection can fill.
+    if (threads_http == 0) threads_http = std::max(80, 2 * max_batch);
     moe::comm::Communicator world = moe::comm::Communicator::world();
     moe::log::init(world.rank(), world.size(), "info");
     moe::ThreadPolicy threads;

@@ -22,6 +22,10 @@
 //                         plus the experts the step's tokens were routed to (per layer and step)
 //   limit_ms              active bytes / bandwidth: the physical limit of one step
 //   limit_ratio           ms_per_step / limit_ms (1 = the step runs at memory speed)
+//   flops_per_token       multiply-adds x 2 of one decode token: every dense weight once, top-k
+//                         experts per MoE layer, attention over the cached positions (mean)
+//   compute_ms            B x flops_per_token at peak_gflops (all ranks x threads at this
+//                         machine's fp32 FMA peak): the step's compute limit
 // The KV cache reads (B x context x 2 d x 4 bytes per block) are printed too, not counted in
 // the limit.
 #include <omp.h>
@@ -35,6 +39,7 @@
 #include "examples/bench/bench.hpp"
 #include "model/generate.hpp"
 #include "model/transformer.hpp"
+#include "runtime/cpu.hpp"
 #include "runtime/threads.hpp"
 
 namespace moe::bench {
@@ -73,6 +78,7 @@ struct BatchResult {
   int64_t batch = 0;
   std::vector<double> decode_s, prefill_s;  // per sample
   double active_bytes = 0;                  // per decode step (mean)
+  double flops_per_token = 0;               // per decode token (mean)
   double kv_bytes = 0;                      // per decode step (mean)
   double experts_hit = 0;                   // per decode step, summed over MoE layers (mean)
   double expert_s = 0, exchange_s = 0;      // rank 0, per decode step (mean): experts, All2All
@@ -133,6 +139,15 @@ int bench_decode(const std::vector<std::string>& argv) {
   const int64_t d = cfg.d_model, f = cfg.moe.d_ff;
   const double expert_bytes = double(2 * d * f) * 4;  // W1 [d, f] + W2 [f, d]
   const auto moe_layers = model.moe_layers();
+  // FLOPs of one token: 2 per dense weight (the embedding row is a copy), 2 per weight of each
+  // of its top-k experts in every MoE layer, and 4 d per attended position and layer (scores
+  // and the weighted sum of values), added per step from the caches' lengths.
+  double dense_params = 0;
+  for (const auto& p : model.dense_params())
+    if (p.name != "embed.weight") dense_params += double(p.value.size());
+  const double token_flops =
+      2 * dense_params + 2.0 * cfg.moe.top_k * double(2 * d * f) * double(moe_layers.size());
+  const double peak_gflops = world.sum(measure_cpu_peak(policy.omp_threads).gflops);
   auto experts_hit = [&] {
     int64_t hit = 0;
     for (const model::MoeLayer* m : moe_layers)
@@ -183,7 +198,7 @@ int bench_decode(const std::vector<std::string>& argv) {
       if (P > 1) world.broadcast(last.data(), B, 0, "bench ids");
     };
     const std::span<const int32_t> my_last(last.data() + first, static_cast<size_t>(nb));
-    double hit_total = 0, kv_total = 0, expert_total = 0, exchange_total = 0;
+    double hit_total = 0, kv_total = 0, expert_total = 0, exchange_total = 0, ctx_total = 0;
     for (int s = 0; s <= samples; ++s) {  // sample 0 warms up
       for (auto& c : caches) c.clear();
       r.first_tokens.clear();
@@ -194,6 +209,7 @@ int bench_decode(const std::vector<std::string>& argv) {
       const double t1 = now_s();
       for (int64_t i = 0; i < steps; ++i) {
         if (root) kv_total += double(B) * double(caches[0].len() + 1) * 2 * d * 4 * cfg.n_layers;
+        if (root) ctx_total += double(caches[0].len() + 1);
         ConstView logits = model.decode_step(my_last, ptrs);
         hit_total += double(experts_hit());
         for (const model::MoeLayer* m : moe_layers) {
@@ -205,7 +221,7 @@ int bench_decode(const std::vector<std::string>& argv) {
       }
       const double t2 = now_s();
       if (s == 0) {
-        hit_total = kv_total = expert_total = exchange_total = 0;
+        hit_total = kv_total = expert_total = exchange_total = ctx_total = 0;
         continue;
       }
       r.prefill_s.push_back(world.max(t1 - t0));
@@ -214,6 +230,8 @@ int bench_decode(const std::vector<std::string>& argv) {
     r.experts_hit = hit_total / double(samples * steps);
     r.active_bytes = dense_bytes + r.experts_hit * expert_bytes;
     r.kv_bytes = kv_total / double(samples * steps);
+    r.flops_per_token =
+        token_flops + 4.0 * double(d) * double(cfg.n_layers) * ctx_total / double(samples * steps);
     r.expert_s = expert_total / double(samples * steps);
     r.exchange_s = exchange_total / double(samples * steps);
     results.push_back(std::move(r));
@@ -234,6 +252,7 @@ int bench_decode(const std::vector<std::string>& argv) {
       (long long)cfg.vocab_size, ckpt.empty() ? "random weights" : ckpt.c_str(),
       (long long)prompt_len, (long long)new_tokens, (long long)steps);
   std::printf("memory bandwidth (streaming read, all ranks x threads): %.1f GB/s\n", bandwidth);
+  std::printf("fp32 FMA peak (all ranks x threads): %.1f GFLOP/s\n", peak_gflops);
   std::printf("dense weights %.2f MB, one expert %.2f MB\n\n", dense_bytes / 1e6,
               expert_bytes / 1e6);
   std::printf("%6s %12s %10s %11s %9s %10s %10s %9s %8s %10s %10s\n", "batch", "tokens/s",
@@ -262,6 +281,8 @@ int bench_decode(const std::vector<std::string>& argv) {
          {"exchange_ms_per_step", r.exchange_s * 1e3},
          {"limit_ms", limit_s * 1e3},
          {"limit_ratio", step_s / limit_s},
+         {"flops_per_token", r.flops_per_token},
+         {"compute_ms", double(r.batch) * r.flops_per_token / (peak_gflops * 1e9) * 1e3},
          {"tokens_seq0", r.first_tokens}});
   }
   std::printf(
@@ -270,25 +291,29 @@ int bench_decode(const std::vector<std::string>& argv) {
       "ms/step over limit ms. KV MB (cache reads) not in the limit.\nexpert ms, a2a ms: rank 0's "
       "time per decode step in the expert GEMMs and inside All2All.\n");
   if (json) {
-    nlohmann::json out = {{"bench", "decode"},
-                          {"ranks", P},
-                          {"threads", policy.omp_threads},
-                          {"spread", spread},
-                          {"packed", packed},
-                          {"d_model", d},
-                          {"layers", cfg.n_layers},
-                          {"heads", cfg.n_heads},
-                          {"d_ff", f},
-                          {"experts", cfg.moe.n_experts},
-                          {"checkpoint", ckpt},
-                          {"top_k", cfg.moe.top_k},
-                          {"vocab", cfg.vocab_size},
-                          {"prompt_len", prompt_len},
-                          {"new_tokens", new_tokens},
-                          {"bandwidth_gbs", bandwidth},
-                          {"dense_bytes", dense_bytes},
-                          {"expert_bytes", expert_bytes},
-                          {"per_batch", per_batch}};
+    nlohmann::json out = {
+        {"bench", "decode"},
+        {"ranks", P},
+        {"threads", policy.omp_threads},
+        {"spread", spread},
+        {"packed", packed},
+        {"d_model", d},
+        {"layers", cfg.n_layers},
+        {"heads", cfg.n_heads},
+        {"d_ff", f},
+        {"experts", cfg.moe.n_experts},
+        {"checkpoint", ckpt},
+        {"top_k", cfg.moe.top_k},
+        {"vocab", cfg.vocab_size},
+        {"prompt_len", prompt_len},
+        {"new_tokens", new_tokens},
+        {"bandwidth_gbs", bandwidth},
+        {"peak_gflops", peak_gflops},
+        {"prefill_flops_per_token",  // attention over (prompt + 1) / 2
+         token_flops + 2.0 * double(d) * double(cfg.n_layers) * double(prompt_len + 1)},
+        {"dense_bytes", dense_bytes},
+        {"expert_bytes", expert_bytes},
+        {"per_batch", per_batch}};
     std::printf("%s\n", out.dump().c_str());
   }
   return 0;
