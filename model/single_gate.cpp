@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "model/buffers.hpp"
+#include "runtime/data.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gemm.hpp"
 
@@ -312,18 +313,9 @@ ConstView SingleGateModel::received(int local) const {
 
 void SingleGateModel::read_windows(std::span<const int32_t> windows, int64_t n_seq,
                                    int64_t seq_len) {
-  const int64_t n = n_seq * seq_len;
-  MOE_CHECK_EQ(static_cast<int64_t>(windows.size()), n_seq * (seq_len + 1), "windows");
+  split_windows(windows, n_seq, seq_len, ids_, targets_);
   n_seq_ = n_seq;
   seq_len_ = seq_len;
-  ids_.resize(static_cast<size_t>(n));
-  targets_.resize(static_cast<size_t>(n));
-  for (int64_t s = 0; s < n_seq; ++s)
-    for (int64_t t = 0; t < seq_len; ++t) {
-      const size_t w = static_cast<size_t>(s * (seq_len + 1) + t);
-      ids_[static_cast<size_t>(s * seq_len + t)] = windows[w];
-      targets_[static_cast<size_t>(s * seq_len + t)] = windows[w + 1];
-    }
 }
 
 void SingleGateModel::run_base(int64_t B, int64_t S) {

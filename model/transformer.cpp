@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "runtime/data.hpp"
 #include "runtime/error.hpp"
 
 namespace moe::model {
@@ -347,18 +348,9 @@ void Transformer::run_blocks(int64_t n, int64_t n_seq) {
 double Transformer::forward(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
                             double normaliser) {
   const int64_t n = n_seq * seq_len, d = config_.d_model;
-  MOE_CHECK_EQ(static_cast<int64_t>(windows.size()), n_seq * (seq_len + 1), "windows");
+  split_windows(windows, n_seq, seq_len, ids_, targets_);
   n_tokens_ = n;
   n_seq_ = n_seq;
-  ids_.resize(static_cast<size_t>(n));
-  targets_.resize(static_cast<size_t>(n));
-  for (int64_t s = 0; s < n_seq; ++s)
-    for (int64_t t = 0; t < seq_len; ++t) {
-      ids_[static_cast<size_t>(s * seq_len + t)] =
-          windows[static_cast<size_t>(s * (seq_len + 1) + t)];
-      targets_[static_cast<size_t>(s * seq_len + t)] =
-          windows[static_cast<size_t>(s * (seq_len + 1) + t + 1)];
-    }
   set_peer_training(true);
   embed_->forward(ids_, rows(x_[0], n, d));
   run_blocks(n, n_seq);

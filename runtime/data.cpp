@@ -159,4 +159,17 @@ void TokenDataset::read_rank_batch(uint64_t seed, int64_t step, int64_t global_b
   read_windows(seed, step, rank * per, per, out);
 }
 
+void split_windows(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
+                   std::vector<int32_t>& ids, std::vector<int32_t>& targets) {
+  MOE_CHECK_EQ(static_cast<int64_t>(windows.size()), n_seq * (seq_len + 1), "windows");
+  ids.resize(static_cast<size_t>(n_seq * seq_len));
+  targets.resize(static_cast<size_t>(n_seq * seq_len));
+  for (int64_t s = 0; s < n_seq; ++s)
+    for (int64_t t = 0; t < seq_len; ++t) {
+      const size_t w = static_cast<size_t>(s * (seq_len + 1) + t);
+      ids[static_cast<size_t>(s * seq_len + t)] = windows[w];
+      targets[static_cast<size_t>(s * seq_len + t)] = windows[w + 1];
+    }
+}
+
 }  // namespace moe

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -82,5 +83,11 @@ class TokenDataset {
   h5::IntDataset data_;
   int64_t seq_len_ = 0, vocab_size_ = 0;
 };
+
+// Splits n_seq windows [n_seq, seq_len + 1] into the model's inputs (each window's first
+// seq_len tokens) and targets (its last seq_len), both [n_seq * seq_len] (resized). Checks the
+// windows' size.
+void split_windows(std::span<const int32_t> windows, int64_t n_seq, int64_t seq_len,
+                   std::vector<int32_t>& ids, std::vector<int32_t>& targets);
 
 }  // namespace moe
