@@ -13,15 +13,6 @@ namespace moe::model {
 
 namespace {
 
-void add_into(View y, ConstView b) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < y.rows; ++i) {
-    float* py = y.row(i);
-    const float* pb = b.row(i);
-    for (int64_t j = 0; j < y.cols; ++j) py[j] += pb[j];
-  }
-}
-
 // log sum_v exp(z_v), max subtracted first.
 double log_sum_exp(const float* z, int64_t V) {
   float m = z[0];

@@ -10,21 +10,6 @@ namespace moe::model {
 
 namespace {
 
-// y = a + b, row by row (views may be the same as a or b).
-void add(ConstView a, ConstView b, View y) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < y.rows; ++i) {
-    const float* pa = a.row(i);
-    const float* pb = b.row(i);
-    float* py = y.row(i);
-    for (int64_t j = 0; j < y.cols; ++j) py[j] = pa[j] + pb[j];
-  }
-}
-
-void add_into(View y, ConstView b) {
-  add(y, b, y);
-}
-
 View rows(Tensor& t, int64_t n, int64_t d) {
   if (t.numel() < n * d) t.resize({std::max<int64_t>(n * d, 1)});
   return View(t.data(), n, d);

@@ -172,6 +172,18 @@ void copy(ConstView in, View out) {
     std::memcpy(out.row(i), in.row(i), static_cast<size_t>(in.cols) * sizeof(float));
 }
 
+void add(ConstView a, ConstView b, View y) {
+  MOE_CHECK_SHAPE(a, y.rows, y.cols, "add a");
+  MOE_CHECK_SHAPE(b, y.rows, y.cols, "add b");
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < y.rows; ++i) {
+    const float* pa = a.row(i);
+    const float* pb = b.row(i);
+    float* py = y.row(i);
+    for (int64_t j = 0; j < y.cols; ++j) py[j] = pa[j] + pb[j];
+  }
+}
+
 double max_rel_error(ConstView a, ConstView b, double floor) {
   MOE_CHECK_SHAPE(a, b.rows, b.cols, "max_rel_error a");
   double diff = 0.0, scale = floor;

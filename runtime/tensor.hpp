@@ -123,6 +123,13 @@ int64_t tensor_bytes_peak();
 // out = in (shapes must match); the one explicit copy helper.
 void copy(ConstView in, View out);
 
+// y = a + b element by element (shapes must match; y may be a or b), rows over the OpenMP
+// threads; add_into(y, b) is y += b.
+void add(ConstView a, ConstView b, View y);
+inline void add_into(View y, ConstView b) {
+  add(y, b, y);
+}
+
 // max |a - b| / max(max |b|, floor): the normwise relative error the tests state tolerances in.
 double max_rel_error(ConstView a, ConstView b, double floor = 1e-6);
 

@@ -14,16 +14,6 @@ double seconds_now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// y += b, row by row.
-void add_rows(View y, ConstView b) {
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < y.rows; ++t) {
-    float* yr = y.row(t);
-    const float* br = b.row(t);
-    for (int64_t c = 0; c < y.cols; ++c) yr[c] += br[c];
-  }
-}
-
 std::unique_ptr<Router> make_router(const MoeConfig& c, int64_t d_model,
                                     const comm::Communicator& comm, uint64_t seed) {
   if (c.router == RouterKind::kExpertChoice) {
@@ -370,7 +360,7 @@ void MoeLayer::shared_forward(ConstView x, View y) {
   if (!shared_ffn_) return;
   View s = scratch(shared_buf_, x.rows, d_);
   shared_ffn_->forward(x, s);
-  add_rows(y, s);
+  add_into(y, s);
 }
 
 void MoeLayer::record_forward_stats(const comm::ExchangeStats& s0, const comm::ExchangeStats& s1,
@@ -499,7 +489,7 @@ void MoeLayer::backward(ConstView dy, View dx, float aux_scale) {
   if (shared_ffn_) {                          // shared experts^T: dx += their dL/dx
     View g = scratch(shared_buf_, T, d);
     shared_ffn_->backward(dy, g);
-    add_rows(dx, g);
+    add_into(dx, g);
   }
 
   stats_.bytes_sent += ex_dispatch_.stats().bytes_sent - s0.bytes_sent +

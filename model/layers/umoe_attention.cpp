@@ -12,20 +12,6 @@
 
 namespace moe::model {
 
-namespace {
-
-// y += b, row by row.
-void add_rows(View y, ConstView b) {
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < y.rows; ++t) {
-    float* yr = y.row(t);
-    const float* br = b.row(t);
-    for (int64_t c = 0; c < y.cols; ++c) yr[c] += br[c];
-  }
-}
-
-}  // namespace
-
 UmoeConfig UmoeConfig::from(const Config& c) {
   UmoeConfig u;
   u.top_k = static_cast<int>(c.get_int("model.umoe.top_k"));
@@ -272,7 +258,7 @@ void UmoeAttention::experts_forward(int64_t T, View y) {
   for (int s = 0; s < ns; ++s) {
     View o = scratch(shared_out_, T, d);
     shared_[s]->forward(ConstView(shared_mix_.z.data() + s * d, T, d, ns * d), o);
-    add_rows(y, o);
+    add_into(y, o);
   }
 }
 
