@@ -187,6 +187,11 @@ struct Trainee {
         },
         replicas);
   }
+  // Both layers to the replicated map of the tests above (primaries shifted by one rank).
+  void move_away(const Communicator& w) {
+    const ExpertPlacement away = replicated(8, w.size(), w.size() - 1, 1);
+    rb.apply(0, model, experts, {away, away});
+  }
   // One training step with load tracking and a possible re-placement after it. Returns the loss.
   double train_step(int64_t s, const Communicator& w) {
     const double loss = step(model, experts, &rb, w, 40 + static_cast<uint32_t>(s));
@@ -196,18 +201,21 @@ struct Trainee {
   }
 };
 
+RebalanceConfig rebalance_every(int64_t every, int replicas) {
+  RebalanceConfig rc;
+  rc.every = every;
+  rc.plan.replicas = replicas;
+  return rc;
+}
+
 }  // namespace
 
 TEST(RebalanceCheckpoint, RestoredRunContinuesBitExactly) {
   Communicator world = Communicator::world();
-  const int P = world.size();
   const ModelConfig cfg = tiny(moe::model::ExchangeMode::kAuto);
-  RebalanceConfig rc;
-  rc.every = 1;
-  rc.plan.replicas = 1;
+  const RebalanceConfig rc = rebalance_every(1, 1);
   Trainee a(cfg, rc, world, 21);
-  const ExpertPlacement start = replicated(8, P, P - 1, 1);
-  a.rb.apply(0, a.model, a.experts, {start, start});
+  a.move_away(world);
   for (int64_t s = 0; s < 3; ++s) a.train_step(s, world);
 
   std::string dir;
@@ -257,11 +265,9 @@ TEST(RebalanceCheckpoint, RefusesOtherRankCountsAndMissingState) {
   Communicator world = Communicator::world();
   const int P = world.size();
   const ModelConfig cfg = tiny(moe::model::ExchangeMode::kAuto);
-  RebalanceConfig rc;
-  rc.every = 2;
+  const RebalanceConfig rc = rebalance_every(2, 0);
   Trainee a(cfg, rc, world, 21);
-  const ExpertPlacement moved = replicated(8, P, P - 1, 1);
-  a.rb.apply(0, a.model, a.experts, {moved, moved});
+  a.move_away(world);
   moe::checkpoint::StateArrays state;
   a.rb.save_state(state);
   EXPECT_TRUE(ExpertRebalancer::saved(state));
