@@ -87,7 +87,7 @@ struct Metadata {
   std::vector<uint64_t> rng_state;  // opaque RNG words (rank 0's)
   std::string config;               // the resolved YAML
   int64_t world_size = 0;           // the writer's P (filled in by save)
-  StateArrays state;                // written by save; read with read_state
+  StateArrays state;                // written by save; filled by load (and read_state)
 };
 
 struct SaveOptions {
