@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <utility>
 
 #include "runtime/error.hpp"
 
@@ -273,6 +274,19 @@ void LoadTracker::end_step() {
       step_[l][e] = 0.0;
     }
   ++steps_;
+}
+
+void LoadTracker::restore(std::vector<std::vector<double>> ema, int64_t steps) {
+  if (ema.size() != ema_.size())
+    throw Error(ErrorKind::kData,
+                cat("load averages of ", ema.size(), " layers, the tracker has ", ema_.size()));
+  for (size_t l = 0; l < ema.size(); ++l)
+    if (ema[l].size() != ema_[l].size())
+      throw Error(ErrorKind::kData, cat("load averages of layer ", l, " have ", ema[l].size(),
+                                        " experts, the tracker ", ema_[l].size()));
+  ema_ = std::move(ema);
+  for (auto& s : step_) std::fill(s.begin(), s.end(), 0.0);
+  steps_ = steps;
 }
 
 MigrationPlan plan_migration(const ExpertPlacement& from, const ExpertPlacement& to, int rank) {

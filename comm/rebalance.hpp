@@ -79,6 +79,9 @@ class LoadTracker {
   void end_step();
   const std::vector<double>& load(int layer) const { return ema_[static_cast<size_t>(layer)]; }
   int64_t steps() const { return steps_; }
+  // Resumes from saved averages (load(l) of every layer, same sizes) after `steps` steps; the
+  // current step's sums restart at zero. Throws Error(kData) on a size mismatch.
+  void restore(std::vector<std::vector<double>> ema, int64_t steps);
 
  private:
   double decay_;

@@ -304,7 +304,7 @@ int plan(const moe::Config& config, const Options& o) {
   }
   std::vector<mm::GemmTerm> want;
   for (const Case& c : cases)
-    if (c.ok && (mc.n_moe_layers() == 0 || c.layout.ranks() <= mc.moe.n_experts))
+    if (c.ok && (mc.n_moe_layers() == 0 || c.layout.ranks() <= mc.min_experts()))
       for (const mm::GemmTerm& g : model.gemms(c.layout, c.work)) want.push_back(g);
   const double t0 = now_s();
   const mm::GemmRates rates = make_rates(o, want);
@@ -316,13 +316,23 @@ int plan(const moe::Config& config, const Options& o) {
   net.beta_intra = o.beta_intra == "measured" ? other.mem_bytes_per_s / 2
                                               : to_double("--beta-intra", o.beta_intra, 1);
 
+  // Blocks of their own expert counts (model.moe.layer_experts): listed, and summed per block.
+  std::string experts = cat(mc.moe.n_experts);
+  if (!mc.layer_experts.empty()) {
+    experts.clear();
+    for (int l = 0; l < mc.n_layers; ++l)
+      if (mc.is_moe(l)) experts += cat(experts.empty() ? "(" : ",", mc.experts(l));
+    experts += ")";
+  }
   std::printf(
-      "moe-plan: %d blocks (%d MoE), d_model %lld, %d experts top-%d, expert d_ff %lld, "
-      "vocab %lld, seq_len %lld; %s dense parameters (all-reduced), %s per expert\n",
-      mc.n_layers, mc.n_moe_layers(), static_cast<long long>(mc.d_model), mc.moe.n_experts,
+      "moe-plan: %d blocks (%d MoE), d_model %lld, %s experts top-%d, expert d_ff %lld, "
+      "vocab %lld, seq_len %lld; %s dense parameters (all-reduced), %s per expert, %s in all "
+      "experts\n",
+      mc.n_layers, mc.n_moe_layers(), static_cast<long long>(mc.d_model), experts.c_str(),
       mc.moe.top_k, static_cast<long long>(mc.moe.d_ff), static_cast<long long>(mc.vocab_size),
       static_cast<long long>(T), moe::format_si(model.dense_params()).c_str(),
-      moe::format_si(model.expert_params()).c_str());
+      moe::format_si(model.expert_params()).c_str(),
+      moe::format_si(model.expert_params_total()).c_str());
   if (!o.rates_file.empty())
     std::printf("compute: GEMM rates from %s (%zu shapes, nearest shape)", o.rates_file.c_str(),
                 rates.size());

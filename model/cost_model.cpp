@@ -107,15 +107,49 @@ double rank_load_factor(double imbalance, int n_experts, int n_experts_local) {
   return (hot + (El - 1) * (E - hot) / (E - 1)) / El;
 }
 
+namespace {
+// Parameters of one expert in each of `blocks` MoE blocks.
+double expert_params_of(const ModelConfig& c, int blocks) {
+  const double mats = c.moe.activation == Activation::kSwiglu ? 3.0 : 2.0;
+  return blocks * mats * static_cast<double>(c.d_model) * static_cast<double>(c.moe.d_ff);
+}
+}  // namespace
+
 CostModel::CostModel(const ModelConfig& config, int64_t seq_len)
     : config_(config), seq_len_(seq_len) {
   MOE_CHECK(seq_len >= 1, cat("CostModel: seq_len must be positive, got ", seq_len));
 }
 
 double CostModel::expert_params() const {
-  const double mats = config_.moe.activation == Activation::kSwiglu ? 3.0 : 2.0;
-  return config_.n_moe_layers() * mats * static_cast<double>(config_.d_model) *
-         static_cast<double>(config_.moe.d_ff);
+  return expert_params_of(config_, config_.n_moe_layers());
+}
+
+std::vector<std::pair<int, int>> CostModel::expert_groups() const {
+  std::vector<std::pair<int, int>> groups;
+  for (int l = 0; l < config_.n_layers; ++l) {
+    if (!config_.is_moe(l)) continue;
+    const int E = config_.experts(l);
+    auto it =
+        std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == E; });
+    if (it == groups.end())
+      groups.emplace_back(E, 1);
+    else
+      ++it->second;
+  }
+  return groups;
+}
+
+double CostModel::expert_params_total() const {
+  double n = 0;
+  for (const auto& [E, blocks] : expert_groups()) n += E * expert_params_of(config_, blocks);
+  return n;
+}
+
+double CostModel::expert_params_local(int ranks) const {
+  double n = 0;
+  for (const auto& [E, blocks] : expert_groups())
+    n += ((E + ranks - 1) / ranks) * expert_params_of(config_, blocks);
+  return n;
 }
 
 double CostModel::dense_params() const {
@@ -124,7 +158,7 @@ double CostModel::dense_params() const {
   double n = static_cast<double>(config_.vocab_size) * d * (config_.tie_embeddings ? 1 : 2) + d;
   for (int l = 0; l < config_.n_layers; ++l) {
     n += 4 * d * d + 2 * d;
-    n += config_.is_moe(l) ? d * config_.moe.n_experts
+    n += config_.is_moe(l) ? d * config_.experts(l)
                            : ffn_mats * d * static_cast<double>(config_.d_ff);
   }
   return n;
@@ -135,12 +169,8 @@ std::vector<GemmTerm> CostModel::gemms(const Layout& layout, const Workload& wor
   const int64_t T = seq_len_, d = c.d_model, t = work.micro_batch * T;
   const int64_t dh = d / c.n_heads;
   const int P = layout.ranks();
-  const int64_t E = c.moe.n_experts;
-  const int64_t El = (E + P - 1) / P;  // the busiest rank's experts
   const int64_t glu = c.moe.activation == Activation::kSwiglu ? 2 : 1;
   const int64_t ffn_glu = c.activation == Activation::kSwiglu ? 2 : 1;
-  // Rows of an average expert: t k slots per rank, P t k in all, over E experts.
-  const int64_t rows = std::max<int64_t>(1, (t * c.moe.top_k * P + E - 1) / E);
   const double L = c.n_layers, Lm = c.n_moe_layers(), Ld = L - Lm;
   std::vector<GemmTerm> g;
   g.push_back({"qkv", t, d, 3 * d, L});
@@ -152,10 +182,15 @@ std::vector<GemmTerm> CostModel::gemms(const Layout& layout, const Workload& wor
     g.push_back({"ffn_up", t, d, ffn_glu * c.d_ff, Ld});
     g.push_back({"ffn_down", t, c.d_ff, d, Ld});
   }
-  if (Lm > 0) {
-    g.push_back({"router", t, d, E, Lm});
-    g.push_back({"expert_up", rows, d, glu * c.moe.d_ff, Lm * static_cast<double>(El)});
-    g.push_back({"expert_down", rows, c.moe.d_ff, d, Lm * static_cast<double>(El)});
+  for (const auto& [n_experts, blocks] : expert_groups()) {
+    const int64_t E = n_experts;
+    const int64_t El = (E + P - 1) / P;  // the busiest rank's experts
+    // Rows of an average expert: t k slots per rank, P t k in all, over E experts.
+    const int64_t rows = std::max<int64_t>(1, (t * c.moe.top_k * P + E - 1) / E);
+    const double Lg = blocks;
+    g.push_back({"router", t, d, E, Lg, n_experts});
+    g.push_back({"expert_up", rows, d, glu * c.moe.d_ff, Lg * static_cast<double>(El), n_experts});
+    g.push_back({"expert_down", rows, c.moe.d_ff, d, Lg * static_cast<double>(El), n_experts});
   }
   g.push_back({"lm_head", t, d, c.vocab_size, 1});
   return g;
@@ -169,7 +204,7 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
   p.nodes = layout.nodes;
   p.ranks = layout.ranks();
   const int P = layout.ranks();
-  const int E = c.moe.n_experts;
+  const int E = c.min_experts();  // the fewest of any MoE block
   if (layout.nodes < 1 || layout.ranks_per_node < 1 || work.micro_batch < 1 ||
       work.accumulation < 1) {
     p.feasible = false;
@@ -185,7 +220,13 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
   const int64_t t = work.micro_batch * seq_len_;
   const double a = static_cast<double>(work.accumulation);
   p.tokens_per_rank = t * work.accumulation;
-  const int El = c.n_moe_layers() > 0 ? (E + P - 1) / P : 0;
+  const std::vector<std::pair<int, int>> groups = expert_groups();
+  std::vector<double> group_expert_s(groups.size(), 0.0);
+  auto group_of = [&](int n_experts) {
+    size_t i = 0;
+    while (i + 1 < groups.size() && groups[i].first != n_experts) ++i;
+    return i;
+  };
 
   // Compute: forward GEMMs at their measured rates, backward twice the FLOPs at the same rate.
   for (const GemmTerm& g : gemms(layout, work)) {
@@ -193,23 +234,32 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
                          static_cast<double>(g.n) * g.count * a;
     const double s = flops / (rates.gflops(g.m, g.k, g.n) * 1e9);
     if (g.what.rfind("expert_", 0) == 0)
-      p.expert_s += s;
+      group_expert_s[group_of(g.n_experts)] += s;
     else if (g.what.rfind("attn_qk", 0) == 0 || g.what.rfind("attn_pv", 0) == 0)
       p.attention_s += s;
     else
       p.dense_s += s;
   }
-  // The busiest rank's experts: average rows when El = E / P exactly, scaled by the load of its
-  // experts (and by El x P / E when the experts do not divide evenly, already in El).
-  p.expert_load = El > 0 ? rank_load_factor(work.load_factor, E, El) : 1.0;
-  RebalancedLoad rb;
-  if (El > 0 && work.rebalance_replicas >= 0 && P > 1) {
-    rb = rebalanced_load_factor(work.load_factor, E, P, work.rebalance_replicas);
-    p.expert_load = rb.load;
-    p.replicas = rb.replicas;
+  // The busiest rank's experts, per group of blocks: average rows when El = E / P exactly,
+  // scaled by the load of its experts (and by El x P / E when the experts do not divide evenly,
+  // already in El).
+  std::vector<RebalancedLoad> rbs(groups.size());
+  double raw_expert_s = 0;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const int Eg = groups[i].first, El = (Eg + P - 1) / P;
+    double load = rank_load_factor(work.load_factor, Eg, El);
+    if (work.rebalance_replicas >= 0 && P > 1) {
+      rbs[i] = rebalanced_load_factor(work.load_factor, Eg, P, work.rebalance_replicas);
+      load = rbs[i].load;
+      p.replicas = std::max(p.replicas, rbs[i].replicas);
+    }
+    raw_expert_s += group_expert_s[i];
+    p.expert_s += group_expert_s[i] * load;
+    p.expert_load = load;
   }
-  p.expert_s *= p.expert_load;
-  const double local_params = dense_params() + El * expert_params();
+  if (groups.size() > 1 && raw_expert_s > 0) p.expert_load = p.expert_s / raw_expert_s;
+  p.expert_params_local = expert_params_local(P);
+  const double local_params = dense_params() + p.expert_params_local;
   p.optimizer_s = local_params * other.optimizer_bytes_per_param / other.mem_bytes_per_s;
   p.other_s = other.seconds_per_token * static_cast<double>(p.tokens_per_rank);
   const int busy = layout.ranks_per_node * layout.threads_per_rank;
@@ -224,27 +274,31 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
   p.exchange_bytes = static_cast<double>(t) * c.moe.top_k * static_cast<double>(c.d_model) * 4;
   p.flat_messages = alltoall_flat_messages(N, R);
   p.hier_inter_messages = alltoall_hier_messages(N, R);
-  const double n_payload = 4.0 * c.n_moe_layers() * a, n_counts = c.n_moe_layers() * a;
-  const double counts_bytes = 4.0 * E;
+  const double n_payload = 4.0 * c.n_moe_layers() * a;
   if (P > 1 && c.n_moe_layers() > 0) {
-    p.a2a_flat_s = n_payload * alltoall_flat_seconds(net, N, R, p.exchange_bytes) +
-                   n_counts * alltoall_flat_seconds(net, N, R, counts_bytes);
-    p.a2a_hier_s = n_payload * alltoall_hier_seconds(net, N, R, p.exchange_bytes) +
-                   n_counts * alltoall_hier_seconds(net, N, R, counts_bytes);
-    p.a2a_hier2d_s = n_payload * alltoall_hier2d_seconds(net, N, R, p.exchange_bytes) +
-                     n_counts * alltoall_hier2d_seconds(net, N, R, counts_bytes);
+    p.a2a_flat_s = n_payload * alltoall_flat_seconds(net, N, R, p.exchange_bytes);
+    p.a2a_hier_s = n_payload * alltoall_hier_seconds(net, N, R, p.exchange_bytes);
+    p.a2a_hier2d_s = n_payload * alltoall_hier2d_seconds(net, N, R, p.exchange_bytes);
+    for (const auto& [Eg, blocks] : groups) {  // the count exchange: E counts per block
+      const double n_counts = blocks * a, counts_bytes = 4.0 * Eg;
+      p.a2a_flat_s += n_counts * alltoall_flat_seconds(net, N, R, counts_bytes);
+      p.a2a_hier_s += n_counts * alltoall_hier_seconds(net, N, R, counts_bytes);
+      p.a2a_hier2d_s += n_counts * alltoall_hier2d_seconds(net, N, R, counts_bytes);
+    }
   }
   p.allreduce_s = P > 1 ? allreduce_ring_seconds(net, N, R, 4.0 * dense_params()) : 0.0;
   // Replica gradient sums: the busiest rank's groups (each of the largest size, an upper bound).
-  if (!rb.group_sizes.empty()) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const RebalancedLoad& rb = rbs[i];
+    if (rb.group_sizes.empty()) continue;
     const double g = *std::max_element(rb.group_sizes.begin(), rb.group_sizes.end());
     const double alpha = N > 1 ? net.alpha : net.alpha_intra;
     const double beta = N > 1 ? net.beta : net.beta_intra;
     const double one = 2 * (g - 1) / g * 4.0 * expert_params() / beta + 2 * (g - 1) * alpha;
-    const int groups = *std::max_element(rb.rank_groups.begin(), rb.rank_groups.end());
-    p.replica_allreduce_s = one * groups * c.n_moe_layers();
-    p.allreduce_s += p.replica_allreduce_s;
+    const int rank_groups = *std::max_element(rb.rank_groups.begin(), rb.rank_groups.end());
+    p.replica_allreduce_s += one * rank_groups * groups[i].second;
   }
+  p.allreduce_s += p.replica_allreduce_s;
 
   p.step_flat_s = p.compute_s + p.a2a_flat_s + p.allreduce_s;
   p.step_hier_s = p.compute_s + std::min(p.a2a_hier_s, p.a2a_hier2d_s) + p.allreduce_s;

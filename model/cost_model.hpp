@@ -12,6 +12,10 @@
 // L_moe = MoE blocks, T = seq_len, t = tokens per rank per micro-step (micro_batch x T),
 // a = accumulation steps, N = nodes, R = ranks per node, P = N R, E_l = E / P.
 //
+// Blocks may have their own expert counts (model.moe.layer_experts, e.g. after pruning): every
+// expert figure (weights, router and expert GEMMs, load factors, the count exchange) is then a
+// sum over the MoE blocks, each with its own E; blocks of equal E are grouped into one term.
+//
 // Assumptions (stated so a reader can judge the figures):
 // - Routing is uniform: each rank sends t k d 4 bytes per exchange, (P-1)/P of it to other
 //   ranks. Expert load imbalance (max/mean over experts, `load_factor`) slows the busiest rank's
@@ -33,6 +37,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/transformer.hpp"
@@ -97,6 +102,7 @@ struct GemmTerm {
   std::string what;
   int64_t m = 0, k = 0, n = 0;
   double count = 0;
+  int n_experts = 0;  // router and expert terms: E of the blocks they stand for
 };
 
 struct StepPrediction {
@@ -105,8 +111,10 @@ struct StepPrediction {
   int nodes = 0, ranks = 0;
   int64_t tokens_per_rank = 0;      // per optimiser step
   double oversubscription = 1;      // compute slow-down
-  double expert_load = 1;           // busiest rank's expert load over the mean
-  int replicas = 0;                 // replica instances per MoE layer (rebalancing)
+  double expert_load = 1;           // busiest rank's expert load over the mean (blocks of
+                                    // different E: weighted by their expert time)
+  double expert_params_local = 0;   // busiest rank's expert parameters (all MoE blocks)
+  int replicas = 0;                 // replica instances per MoE layer (rebalancing; the most)
   double replica_allreduce_s = 0;   // per step: the busiest rank's replica gradient sums
   double dense_s = 0;               // attention projections, dense FFNs, router, LM head
   double attention_s = 0;           // QK^T and PV
@@ -137,9 +145,15 @@ class CostModel {
   StepPrediction predict(const Layout& layout, const Workload& work, const GemmRates& rates,
                          const NetworkParams& net, const OtherRates& other) const;
 
-  // Parameters: replicated dense ones (all-reduced) and those of one expert.
+  // Parameters: replicated dense ones (all-reduced) and those of one expert (one per MoE block).
   double dense_params() const;
   double expert_params() const;
+  // Expert parameters of every MoE block, each block with its own E; and those on the busiest of
+  // P ranks (ceil(E / P) experts of each block).
+  double expert_params_total() const;
+  double expert_params_local(int ranks) const;
+  // The MoE blocks grouped by expert count, in block order of first appearance: (E, blocks).
+  std::vector<std::pair<int, int>> expert_groups() const;
   const ModelConfig& config() const { return config_; }
   int64_t seq_len() const { return seq_len_; }
 

@@ -5,7 +5,8 @@
 namespace moe::model {
 
 CheckpointEntries checkpoint_entries(Transformer& model,
-                                     const std::function<AdamState&(const std::string&)>& state) {
+                                     const std::function<AdamState&(const std::string&)>& state,
+                                     bool replicas) {
   auto entry = [&](const std::string& name, View value) {
     if (!state) return checkpoint::TensorEntry{name, value, View(), View(), nullptr};
     AdamState& st = state(name);
@@ -18,12 +19,13 @@ CheckpointEntries checkpoint_entries(Transformer& model,
   for (const Transformer::ExpertBankRef& ref : model.expert_banks()) {
     ExpertBank& bank = *ref.bank;
     for (int e = 0; e < bank.n_local(); ++e) {
-      if (bank.is_replica(e)) continue;  // written once, by the primary instance
+      if (bank.is_replica(e) && !replicas) continue;  // written once, by the primary instance
       const int gid = bank.global_ids()[static_cast<size_t>(e)];
       const std::string prefix = cat(ref.prefix, "expert.", gid, ".");
       checkpoint::ExpertEntry x;
       x.layer = ref.layer;
       x.expert = gid;
+      x.replica = bank.is_replica(e);
       x.tensors.push_back(entry(prefix + "w1", bank.w1(e)));
       x.tensors.back().name = "w1";
       x.tensors.push_back(entry(prefix + "w2", bank.w2(e)));

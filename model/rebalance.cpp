@@ -52,6 +52,19 @@ void get(View v, const float* src) {
     std::memcpy(v.row(r), src + r * v.cols, static_cast<size_t>(v.cols) * sizeof(float));
 }
 
+// A bank like `like` for rank me's instances under `to`, replicas marked; its weights are to be
+// filled (migrated or loaded).
+std::unique_ptr<ExpertBank> bank_for(const ExpertBank& like, const comm::ExpertPlacement& to,
+                                     int me) {
+  auto nb = std::make_unique<ExpertBank>(like.d_model(), like.d_ff(), like.activation(),
+                                         to.local_experts(me), 0);
+  std::vector<uint8_t> replica(static_cast<size_t>(nb->n_local()), 0);
+  for (int j = 0; j < nb->n_local(); ++j)
+    replica[static_cast<size_t>(j)] = to.owner(to.local_experts(me)[static_cast<size_t>(j)]) != me;
+  nb->set_replicas(std::move(replica));
+  return nb;
+}
+
 // Each MoE block's expert count (blocks may differ: model.moe.layer_experts).
 std::vector<int> layer_expert_counts(const Transformer& model) {
   std::vector<int> n;
@@ -215,8 +228,7 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
         std::max<int64_t>(staged, static_cast<int64_t>(send_rows.size() + recv_rows.size()) * 4);
     std::vector<float>().swap(send_rows);
 
-    auto nb = std::make_unique<ExpertBank>(bank.d_model(), bank.d_ff(), bank.activation(),
-                                           to.local_experts(me), 0);
+    std::unique_ptr<ExpertBank> nb = bank_for(bank, to, me);
     for (const auto& kp : mp.keeps) {
       copy_rows(nb->w1(kp.new_slot), bank.w1(kp.old_slot));
       copy_rows(nb->w2(kp.new_slot), bank.w2(kp.old_slot));
@@ -243,11 +255,6 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
         std::memcpy(&dst.step, row + (w == 1 ? lay.t1() : lay.t2()), sizeof(int64_t));
       }
     }
-    std::vector<uint8_t> replica(static_cast<size_t>(nb->n_local()), 0);
-    for (int j = 0; j < nb->n_local(); ++j)
-      replica[static_cast<size_t>(j)] =
-          to.owner(to.local_experts(me)[static_cast<size_t>(j)]) != me;
-    nb->set_replicas(std::move(replica));
     layer.replace_experts(to, std::move(nb));  // the old bank is freed here
     groups_[i] = comm::ReplicaGroups(to, comm_);
 
@@ -291,6 +298,105 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
   event_ = ev;
   ++rebalances_;
   return event_;
+}
+
+namespace {
+constexpr int64_t kStateVersion = 1;  // of the "rebalance.*" arrays
+}  // namespace
+
+bool ExpertRebalancer::saved(const checkpoint::StateArrays& state) {
+  return state.ints.count("rebalance.version") > 0;
+}
+
+void ExpertRebalancer::save_state(checkpoint::StateArrays& out) const {
+  out.ints["rebalance.version"] = {kStateVersion};
+  out.ints["rebalance.world_size"] = {comm_.size()};
+  out.ints["rebalance.blocks"] = std::vector<int64_t>(blocks_.begin(), blocks_.end());
+  out.ints["rebalance.tracker_steps"] = {tracker_.steps()};
+  out.ints["rebalance.rebalances"] = {rebalances_};
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const comm::ExpertPlacement& p = placement_[i];
+    std::vector<int64_t> counts, ranks;
+    for (int e = 0; e < p.n_experts(); ++e) {
+      counts.push_back(p.n_instances(e));
+      for (int r : p.instances(e)) ranks.push_back(r);
+    }
+    const std::string layer = cat("rebalance.layer", blocks_[i], ".");
+    out.ints[layer + "instance_counts"] = std::move(counts);  // [E]
+    out.ints[layer + "instance_ranks"] = std::move(ranks);    // primary first, expert by expert
+    out.reals[layer + "load"] = tracker_.load(static_cast<int>(i));  // [E]
+  }
+}
+
+std::string ExpertRebalancer::restore(const checkpoint::StateArrays& state, Transformer& model,
+                                      AdamW& expert_opt) {
+  if (!saved(state)) return "the checkpoint holds no expert placement";
+  auto ints = [&](const std::string& name) -> const std::vector<int64_t>* {
+    auto it = state.ints.find(name);
+    return it == state.ints.end() ? nullptr : &it->second;
+  };
+  auto one = [&](const std::string& name) -> int64_t {
+    const std::vector<int64_t>* v = ints(name);
+    return v && v->size() == 1 ? (*v)[0] : -1;
+  };
+  if (one("rebalance.version") != kStateVersion)
+    return cat("its rebalancing state has version ", one("rebalance.version"),
+               ", this build reads ", kStateVersion);
+  const int P = comm_.size();
+  if (one("rebalance.world_size") != P)
+    return cat("it was written by ", one("rebalance.world_size"), " rank(s), this run has ", P);
+  const std::vector<int64_t> blocks(blocks_.begin(), blocks_.end());
+  if (!ints("rebalance.blocks") || *ints("rebalance.blocks") != blocks)
+    return "its MoE blocks differ from this model's";
+  std::vector<comm::ExpertPlacement> next;
+  std::vector<std::vector<double>> loads;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const std::string layer = cat("rebalance.layer", blocks_[i], ".");
+    const std::vector<int64_t>* counts = ints(layer + "instance_counts");
+    const std::vector<int64_t>* ranks = ints(layer + "instance_ranks");
+    const auto load = state.reals.find(layer + "load");
+    const size_t E = static_cast<size_t>(placement_[i].n_experts());
+    if (!counts || !ranks || load == state.reals.end() || counts->size() != E ||
+        load->second.size() != E)
+      return cat("its placement of block ", blocks_[i], " is incomplete or not of ", E, " experts");
+    std::vector<std::vector<int>> inst(E);
+    size_t k = 0;
+    for (size_t e = 0; e < E; ++e)
+      for (int64_t c = 0; c < (*counts)[e] && k < ranks->size(); ++c)
+        inst[e].push_back(static_cast<int>((*ranks)[k++]));
+    if (k != ranks->size()) return cat("its placement of block ", blocks_[i], " is malformed");
+    try {
+      next.push_back(comm::ExpertPlacement::from_instances(inst, P));
+    } catch (const Error& e) {
+      return cat("its placement of block ", blocks_[i], " is invalid (", e.message(), ")");
+    }
+    if (next.back().has_replicas()) {
+      const MoeConfig& mc = model.moe_layer(blocks_[i])->config();
+      if (mc.pipeline_chunks > 1 || mc.capacity_factor > 0.0)
+        return "it has replicas, which need model.moe.pipeline_chunks 1 and capacity_factor 0";
+    }
+    loads.push_back(load->second);
+  }
+
+  const int me = comm_.rank();
+  bool any = false;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (next[i] == placement_[i]) continue;
+    any = true;
+    MoeLayer& layer = *model.moe_layer(blocks_[i]);
+    layer.replace_experts(next[i], bank_for(layer.experts(), next[i], me));
+    groups_[i] = comm::ReplicaGroups(next[i], comm_);
+    placement_[i] = next[i];
+  }
+  if (any) {  // zero state over the new expert parameters; the checkpoint fills it
+    model.refresh_params();
+    AdamW fresh(expert_opt.options());
+    for (const ParamRef& p : model.expert_params()) fresh.add(p, true);
+    expert_opt = std::move(fresh);
+  }
+  tracker_.restore(std::move(loads), one("rebalance.tracker_steps"));
+  rebalances_ = one("rebalance.rebalances");
+  return "";
 }
 
 }  // namespace moe::model

@@ -17,6 +17,13 @@
 //                             expert banks, and rebuild `opt` over the new expert parameters
 // Rebalancing changes where experts live, never the mathematics: the same run with and without
 // it gives the same losses up to the summation order of replica gradients.
+//
+// Checkpoints carry the rebalancing state (save_state, as checkpoint::StateArrays "rebalance.*"):
+// every MoE layer's placement (each expert's instance ranks, primary first; slots follow global
+// id) and load averages, the tracker's step count and the re-placement count. The next re-plan
+// comes after the global step that is a multiple of N, so it needs no counter of its own. A
+// resumed run on the same P takes them back (restore) before it loads the tensors, so each
+// rank reads the experts of the saved map and the next re-plan decides as without the break.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +33,7 @@
 #include "comm/rebalance.hpp"
 #include "model/optim.hpp"
 #include "model/transformer.hpp"
+#include "runtime/checkpoint.hpp"
 #include "runtime/config.hpp"
 
 namespace moe::model {
@@ -69,6 +77,18 @@ class ExpertRebalancer {
   // nothing): what end_step does after planning. `step` labels the event. Collective.
   const RebalanceEvent& apply(int64_t step, Transformer& model, AdamW& expert_opt,
                               const std::vector<comm::ExpertPlacement>& next);
+  // The state a checkpoint keeps (names "rebalance.*", into out). Local.
+  void save_state(checkpoint::StateArrays& out) const;
+  // Takes back a checkpoint's state: every MoE layer moves to its saved placement without
+  // migrating anything (empty expert banks of the saved map; `expert_opt` rebuilt with zero
+  // state over them), the load averages and counts are restored. The caller then loads every
+  // expert tensor and AdamW state from the checkpoint (replicas included). Returns "" when
+  // restored, else why the saved placement is not used (no such state, another P, other MoE
+  // blocks or expert counts, a map this run cannot take), having changed nothing. Collective
+  // (identical state on every rank gives the same decision everywhere).
+  std::string restore(const checkpoint::StateArrays& state, Transformer& model, AdamW& expert_opt);
+  // Whether a checkpoint's state holds a saved placement.
+  static bool saved(const checkpoint::StateArrays& state);
   const comm::ExpertPlacement& placement(int moe_layer) const {
     return placement_[static_cast<size_t>(moe_layer)];
   }

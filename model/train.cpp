@@ -295,8 +295,37 @@ TrainSummary train(const Config& config, const TrainOptions& options,
 
   int64_t start_step = 0;
   if (!options.resume.empty()) {
+    // comm.rebalance's placement and load averages (model/rebalance.hpp), taken back before
+    // the tensors are read, so that each rank reads the experts of the saved map. A file every
+    // rank cannot read leaves them out everywhere; checkpoint::load below names the problem.
+    checkpoint::StateArrays saved;
+    int unreadable = 0;
+    try {
+      saved = checkpoint::read_state(options.resume);
+    } catch (const Error&) {
+      unreadable = 1;
+    }
+    if (comm.max(unreadable, "checkpoint state") != 0) saved = {};
+    std::string not_used;
+    if (rebalancer) {
+      not_used = rebalancer->restore(saved, model, expert_opt);
+      if (not_used.empty()) {
+        collect_expert_grads();
+        entries = checkpoint_entries(model, adam_state);
+        log::info0("expert placement and load averages restored from the checkpoint (",
+                   rebalancer->replicas(), " replica(s), ", rebalancer->rebalances(),
+                   " re-placement(s) so far)");
+      }
+    } else if (ExpertRebalancer::saved(saved)) {
+      not_used = "comm.rebalance.every is 0";
+    }
+    if (!not_used.empty())
+      log::info0("the checkpoint's expert placement is not used (", not_used,
+                 "): experts start in blocks");
+    // Replicas of the restored map are read from their expert's stored tensors too.
+    const CheckpointEntries load_entries = checkpoint_entries(model, adam_state, true);
     checkpoint::Metadata meta =
-        checkpoint::load(options.resume, entries.dense, entries.experts, comm);
+        checkpoint::load(options.resume, load_entries.dense, load_entries.experts, comm);
     start_step = meta.step;
     if (meta.seed != static_cast<int64_t>(seed))
       log::warn("resuming a run with train.seed ", meta.seed, " under train.seed ", seed,
@@ -472,7 +501,12 @@ TrainSummary train(const Config& config, const TrainOptions& options,
       }
       return line;
     });
-    if (loop.checkpoint_or_stop(s, [&] { return entries; })) break;
+    if (loop.checkpoint_or_stop(s, [&] {
+          CheckpointEntries e = entries;
+          if (rebalancer) rebalancer->save_state(e.state);
+          return e;
+        }))
+      break;
   }
   nlohmann::json done = loop.finish();
   TrainSummary& summary = loop.summary();

@@ -1,5 +1,7 @@
 #include "model/train_loop.hpp"
 
+#include <utility>
+
 #include "runtime/log.hpp"
 
 namespace moe::model {
@@ -55,7 +57,8 @@ bool TrainLoop::checkpoint_or_stop(int64_t s, const std::function<CheckpointEntr
     meta.seed = config_.get_int("train.seed");
     meta.data_position = s + 1;
     meta.config = config_.to_yaml();
-    const CheckpointEntries e = entries();
+    CheckpointEntries e = entries();
+    meta.state = std::move(e.state);
     summary_.checkpoint =
         checkpoint::save(ckpt_dir_, e.dense, e.experts, meta, comm_, save_options_);
     log::info0("checkpoint ", summary_.checkpoint);

@@ -12,6 +12,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 #include "runtime/h5.hpp"
@@ -217,6 +218,70 @@ std::vector<uint64_t> read_u64(const h5::File& f, const std::string& path) {
   return words;
 }
 
+// One 1-D dataset of the /state group: int64 or float64 [n].
+template <typename T>
+void write_state_array(h5::File& f, const std::string& name, const std::vector<T>& data) {
+  const bool is_int = std::is_integral_v<T>;
+  const std::string path = cat("/state/", name);
+  if (name.empty() || name.find('/') != std::string::npos)
+    fail(f.path(), cat("state name '", name, "' must be non-empty and contain no '/'"));
+  hsize_t dims[1] = {data.size()};
+  Handle space(H5Screate_simple(1, dims, nullptr));
+  Handle dset(H5Dcreate2(f.id(), path.c_str(), is_int ? H5T_STD_I64LE : H5T_IEEE_F64LE, space.id(),
+                         H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+  if (!dset.valid() ||
+      (!data.empty() && H5Dwrite(dset.id(), is_int ? H5T_NATIVE_INT64 : H5T_NATIVE_DOUBLE, H5S_ALL,
+                                 H5S_ALL, H5P_DEFAULT, data.data()) < 0))
+    fail(f.path(), cat("cannot write dataset '", path, "'"));
+}
+
+void write_state(h5::File& f, const StateArrays& state) {
+  if (state.empty()) return;
+  f.make_groups("/state");
+  for (const auto& [name, v] : state.ints) write_state_array(f, name, v);
+  for (const auto& [name, v] : state.reals) write_state_array(f, name, v);
+}
+
+// Reads every dataset of /state (a flat group) by its element class.
+StateArrays read_state_group(const h5::File& f) {
+  StateArrays out;
+  if (!f.exists("/state")) return out;
+  Handle group(H5Gopen2(f.id(), "/state", H5P_DEFAULT));
+  std::vector<std::string> names;
+  auto collect = [](hid_t, const char* name, const H5L_info_t*, void* op) -> herr_t {
+    static_cast<std::vector<std::string>*>(op)->push_back(name);
+    return 0;
+  };
+  if (!group.valid() ||
+      H5Literate(group.id(), H5_INDEX_NAME, H5_ITER_INC, nullptr, collect, &names) < 0)
+    fail(f.path(), "cannot list the group '/state'");
+  for (const std::string& name : names) {
+    const std::string path = "/state/" + name;
+    Handle dset(H5Dopen2(f.id(), path.c_str(), H5P_DEFAULT));
+    if (!dset.valid()) fail(f.path(), cat("'", path, "' is not a dataset"));
+    Handle space(H5Dget_space(dset.id()));
+    Handle type(H5Dget_type(dset.id()));
+    const H5T_class_t cls = H5Tget_class(type.id());
+    const hssize_t n = H5Sget_simple_extent_npoints(space.id());
+    if (H5Sget_simple_extent_ndims(space.id()) != 1 || n < 0 ||
+        (cls != H5T_INTEGER && cls != H5T_FLOAT))
+      fail(f.path(), cat("'", path, "' is not a 1-D int64 or float64 dataset"));
+    herr_t rc = 0;
+    if (cls == H5T_INTEGER) {
+      std::vector<int64_t>& v = out.ints[name];
+      v.resize(static_cast<size_t>(n));
+      if (n > 0) rc = H5Dread(dset.id(), H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+    } else {
+      std::vector<double>& v = out.reals[name];
+      v.resize(static_cast<size_t>(n));
+      if (n > 0)
+        rc = H5Dread(dset.id(), H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+    }
+    if (rc < 0) fail(f.path(), cat("cannot read dataset '", path, "'"));
+  }
+  return out;
+}
+
 // The three datasets of one tensor: value, Adam m, Adam v.
 std::string value_path(const std::string& group, const std::string& name) {
   return cat("/model", group, "/", name);
@@ -309,6 +374,14 @@ void recv_tensor(std::vector<float>& buf, int64_t n, int from, const comm::Commu
   }
 }
 
+// The entries that are not replicas.
+std::vector<ExpertEntry> owned(const std::vector<ExpertEntry>& experts) {
+  std::vector<ExpertEntry> out;
+  for (const ExpertEntry& e : experts)
+    if (!e.replica) out.push_back(e);
+  return out;
+}
+
 // Runs f unless an error was already recorded; records the first error.
 template <typename F>
 void attempt(std::string& err, F&& f) {
@@ -339,8 +412,9 @@ std::string latest(const std::string& dir) {
 }
 
 std::string save(const std::string& dir, const std::vector<TensorEntry>& dense,
-                 const std::vector<ExpertEntry>& experts, const Metadata& meta,
+                 const std::vector<ExpertEntry>& given, const Metadata& meta,
                  const comm::Communicator& comm, const SaveOptions& options) {
+  const std::vector<ExpertEntry> experts = owned(given);  // each expert once
   const auto manifests = gather_manifests(dense, experts, comm, "checkpoint save");
   const std::string name = step_dir_name(meta.step);
   const std::string final_dir = (fs::path(dir) / name).string();
@@ -384,6 +458,7 @@ std::string save(const std::string& dir, const std::vector<TensorEntry>& dense,
       }());
       file->set_attr("config", meta.config);
       if (!meta.rng_state.empty()) write_u64(*file, "/rng_state", meta.rng_state);
+      write_state(*file, meta.state);
       file->make_groups("/model/dense");
       file->make_groups("/model/experts");
       stage("file_created");
@@ -515,9 +590,14 @@ std::string read_config(const std::string& path) {
   return open_checkpoint(checkpoint_file(path)).attr_string("config");
 }
 
+StateArrays read_state(const std::string& path) {
+  return read_state_group(open_checkpoint(checkpoint_file(path)));
+}
+
 Metadata load(const std::string& path, const std::vector<TensorEntry>& dense,
               const std::vector<ExpertEntry>& experts, const comm::Communicator& comm) {
-  const auto manifests = gather_manifests(dense, experts, comm, "checkpoint load");
+  // Replicas are read like their owners but are not holders (not in the manifests).
+  const auto manifests = gather_manifests(dense, owned(experts), comm, "checkpoint load");
   int64_t requested = 0;
   for (const auto& m : manifests) requested += static_cast<int64_t>(m.size());
 
@@ -532,6 +612,7 @@ Metadata load(const std::string& path, const std::vector<TensorEntry>& dense,
     meta.world_size = f.attr_int("world_size");
     meta.config = f.attr_string("config");
     if (f.exists("/rng_state")) meta.rng_state = read_u64(f, "/rng_state");
+    meta.state = read_state_group(f);
     const int64_t saved = f.attr_int("n_experts");
     if (saved != requested)
       fail(file_path, cat("checkpoint holds ", saved, " experts, the ranks load ", requested,

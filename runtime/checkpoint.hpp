@@ -13,6 +13,9 @@
 //                                   n_experts (int, expert entries over all layers),
 //                                   config (string, the resolved YAML)
 //     /rng_state                    uint64 [n] (present when n > 0)
+//     /state/<name>                 int64 or float64 [n]: further run state by name, e.g. the
+//                                   expert placement and load averages of comm.rebalance
+//                                   (model/rebalance.hpp); absent in checkpoints without any
 //     /model/dense/<name>           float32 [rows, cols]   replicated parameters, once
 //     /model/experts/layer<L>/expert<E>/<name>  float32 [rows, cols]
 //     /optim/m/...  /optim/v/...    Adam moments, the same tree as /model, each dataset with an
@@ -29,14 +32,16 @@
 // all ranks then throw the same Error.
 //
 // Loading: every rank opens the file read-only, reads every dense tensor and only the experts
-// it asks for, by (layer, global id): any placement, any P. Errors, collective (every rank
-// throws the same Error of kind kData): missing or unreadable file (named), not a checkpoint,
-// unknown format version, a missing tensor or expert (named), a shape mismatch (tensor name and
-// both shapes).
+// it asks for, by (layer, global id): any placement, any P. A rank may also read a replica of an
+// expert another rank owns (ExpertEntry::replica): the same stored tensors, loaded twice. Errors,
+// collective (every rank throws the same Error of kind kData): missing or unreadable file (named),
+// not a checkpoint, unknown format version, a missing tensor or expert (named), a shape mismatch
+// (tensor name and both shapes).
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -62,6 +67,16 @@ struct ExpertEntry {
   int layer = 0;
   int expert = 0;  // global id
   std::vector<TensorEntry> tensors;
+  // Loading only: a further instance of an expert that another entry (on some rank) owns; it is
+  // read like the owner but not counted as a holder. save() skips such entries.
+  bool replica = false;
+};
+
+// Further run state as named 1-D arrays (names without '/'), written by rank 0 under /state.
+struct StateArrays {
+  std::map<std::string, std::vector<int64_t>> ints;
+  std::map<std::string, std::vector<double>> reals;
+  bool empty() const { return ints.empty() && reals.empty(); }
 };
 
 // Everything besides tensors that a resumed run needs.
@@ -72,6 +87,7 @@ struct Metadata {
   std::vector<uint64_t> rng_state;  // opaque RNG words (rank 0's)
   std::string config;               // the resolved YAML
   int64_t world_size = 0;           // the writer's P (filled in by save)
+  StateArrays state;                // written by save; filled by load (and read_state)
 };
 
 struct SaveOptions {
@@ -102,5 +118,10 @@ Metadata load(const std::string& path, const std::vector<TensorEntry>& dense,
 // The resolved configuration stored in a checkpoint (root or step directory). Local; throws a
 // data Error naming the file when it is missing or not a checkpoint.
 std::string read_config(const std::string& path);
+
+// The /state arrays of a checkpoint (root or step directory); empty when it has none (older
+// checkpoints). Local; throws like read_config, and on a /state dataset that is not 1-D
+// int64 or float64.
+StateArrays read_state(const std::string& path);
 
 }  // namespace moe::checkpoint

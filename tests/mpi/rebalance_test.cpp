@@ -1,17 +1,23 @@
 // Expert re-placement and replication under training (model/rebalance.hpp): migrating experts
 // away and back restores weights and AdamW state bit for bit; replicas stay identical over
-// steps, and training with them gives the losses of training without (both exchange paths).
+// steps, and training with them gives the losses of training without (both exchange paths);
+// a checkpoint carries the placement and load averages, and a model restored from it continues
+// bit for bit; a checkpoint of another rank count or without them is refused with the reason.
 #include "model/rebalance.hpp"
 #include "tests/test_util.hpp"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <random>
 
 #include "comm/communicator.hpp"
 #include "model/layers/moe_layer.hpp"
+#include "model/model_checkpoint.hpp"
+#include "runtime/checkpoint.hpp"
 
 using moe::comm::Communicator;
 using moe::comm::ExpertPlacement;
@@ -159,3 +165,128 @@ TEST_P(RebalanceTraining, ReplicasStayIdenticalAndLossesMatch) {
 INSTANTIATE_TEST_SUITE_P(Exchange, RebalanceTraining,
                          testing::Values(moe::model::ExchangeMode::kAuto,
                                          moe::model::ExchangeMode::kAlltoallv));
+
+namespace {
+
+// A model under training with its rebalancer: expert and (never stepped) dense optimisers.
+struct Trainee {
+  Transformer model;
+  AdamW experts, dense;
+  ExpertRebalancer rb;
+  Trainee(const ModelConfig& cfg, const RebalanceConfig& rc, const Communicator& w, uint64_t seed)
+      : model(cfg, w, seed), experts(expert_optimiser(model)), rb(rc, model, w) {
+    for (const auto& p : model.dense_params()) dense.add(p);
+  }
+  moe::model::CheckpointEntries entries(bool replicas) {
+    return moe::model::checkpoint_entries(
+        model,
+        [&](const std::string& name) -> moe::model::AdamState& {
+          const int64_t i = dense.find(name);
+          return i >= 0 ? dense.state(static_cast<size_t>(i))
+                        : experts.state(static_cast<size_t>(experts.find(name)));
+        },
+        replicas);
+  }
+  // Both layers to the replicated map of the tests above (primaries shifted by one rank).
+  void move_away(const Communicator& w) {
+    const ExpertPlacement away = replicated(8, w.size(), w.size() - 1, 1);
+    rb.apply(0, model, experts, {away, away});
+  }
+  // One training step with load tracking and a possible re-placement after it. Returns the loss.
+  double train_step(int64_t s, const Communicator& w) {
+    const double loss = step(model, experts, &rb, w, 40 + static_cast<uint32_t>(s));
+    rb.observe(model);
+    rb.end_step(s, model, experts);
+    return loss;
+  }
+};
+
+RebalanceConfig rebalance_every(int64_t every, int replicas) {
+  RebalanceConfig rc;
+  rc.every = every;
+  rc.plan.replicas = replicas;
+  return rc;
+}
+
+}  // namespace
+
+TEST(RebalanceCheckpoint, RestoredRunContinuesBitExactly) {
+  Communicator world = Communicator::world();
+  const ModelConfig cfg = tiny(moe::model::ExchangeMode::kAuto);
+  const RebalanceConfig rc = rebalance_every(1, 1);
+  Trainee a(cfg, rc, world, 21);
+  a.move_away(world);
+  for (int64_t s = 0; s < 3; ++s) a.train_step(s, world);
+
+  std::string dir;
+  if (world.rank() == 0) {
+    std::string templ = (std::filesystem::temp_directory_path() / "moe-rbck-XXXXXX").string();
+    dir = mkdtemp(templ.data());
+  }
+  world.broadcast(dir, 0);
+  moe::checkpoint::Metadata meta;
+  meta.step = 3;
+  a.rb.save_state(meta.state);
+  const auto saved = a.entries(false);
+  moe::checkpoint::save(dir, saved.dense, saved.experts, meta, world);
+
+  Trainee b(cfg, rc, world, 99);  // other initial weights: everything comes from the file
+  EXPECT_EQ(b.rb.restore(moe::checkpoint::read_state(dir), b.model, b.experts), "");
+  const auto load = b.entries(true);
+  moe::checkpoint::load(dir, load.dense, load.experts, world);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_TRUE(b.rb.placement(i) == a.rb.placement(i)) << b.rb.placement(i).describe();
+    EXPECT_TRUE(b.model.moe_layer(i)->placement() == a.model.moe_layer(i)->placement());
+    EXPECT_EQ(b.model.moe_layer(i)->experts().global_ids(),
+              a.model.moe_layer(i)->experts().global_ids());
+  }
+  EXPECT_EQ(b.rb.rebalances(), a.rb.rebalances());
+  EXPECT_EQ(b.rb.replicas(), a.rb.replicas());
+  EXPECT_EQ(b.rb.predicted_imbalance(), a.rb.predicted_imbalance());  // the same averages
+  const auto sa = snapshot(a.model, a.experts), sb = snapshot(b.model, b.experts);
+  ASSERT_EQ(sa.size(), sb.size());
+  for (const auto& [name, x] : sa) {  // replicas included: read from their owner's tensors
+    ASSERT_TRUE(sb.count(name)) << name;
+    EXPECT_TRUE(sb.at(name).value == x.value && sb.at(name).m == x.m && sb.at(name).v == x.v)
+        << name;
+    EXPECT_EQ(sb.at(name).step, x.step) << name;
+  }
+  // Tolerance 0: the same losses, re-placements and maps from here on.
+  for (int64_t s = 3; s < 6; ++s) {
+    EXPECT_EQ(a.train_step(s, world), b.train_step(s, world)) << "step " << s;
+    EXPECT_EQ(a.rb.rebalances(), b.rb.rebalances()) << "step " << s;
+    for (int i = 0; i < 2; ++i) EXPECT_TRUE(b.rb.placement(i) == a.rb.placement(i));
+  }
+  world.barrier();
+  if (world.rank() == 0) std::filesystem::remove_all(dir);
+}
+
+TEST(RebalanceCheckpoint, RefusesOtherRankCountsAndMissingState) {
+  Communicator world = Communicator::world();
+  const int P = world.size();
+  const ModelConfig cfg = tiny(moe::model::ExchangeMode::kAuto);
+  const RebalanceConfig rc = rebalance_every(2, 0);
+  Trainee a(cfg, rc, world, 21);
+  a.move_away(world);
+  moe::checkpoint::StateArrays state;
+  a.rb.save_state(state);
+  EXPECT_TRUE(ExpertRebalancer::saved(state));
+
+  Trainee b(cfg, rc, world, 21);
+  const ExpertPlacement blocked = ExpertPlacement::blocked(8, P);
+  auto other = state;
+  other.ints["rebalance.world_size"] = {P + 1};
+  EXPECT_EQ(
+      b.rb.restore(other, b.model, b.experts),
+      "it was written by " + std::to_string(P + 1) + " rank(s), this run has " + std::to_string(P));
+  EXPECT_EQ(b.rb.restore({}, b.model, b.experts), "the checkpoint holds no expert placement");
+  other = state;
+  other.ints["rebalance.layer1.instance_counts"].pop_back();
+  EXPECT_EQ(b.rb.restore(other, b.model, b.experts),
+            "its placement of block 1 is incomplete or not of 8 experts");
+  for (int i = 0; i < 2; ++i) {  // nothing changed
+    EXPECT_TRUE(b.rb.placement(i) == blocked);
+    EXPECT_TRUE(b.model.moe_layer(i)->placement() == blocked);
+  }
+  EXPECT_EQ(b.rb.rebalances(), 0);
+}

@@ -1,8 +1,12 @@
 // Unit tests of model/cost_model: hand-computable network cases, the flat message count, the
-// model's FLOPs against ModelConfig::flops_per_token, imbalance, and monotonic behaviour.
+// model's FLOPs against ModelConfig::flops_per_token, imbalance, monotonic behaviour, and blocks
+// of their own expert counts summed block by block.
 #include "model/cost_model.hpp"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <string>
 
 #include "runtime/error.hpp"
 
@@ -157,6 +161,83 @@ TEST(CostModel, RebalancingEvensTheLoadAndPaysForReplicas) {
   EXPECT_EQ(b.replicas, 3);
   EXPECT_GT(b.replica_allreduce_s, 0.0);
   EXPECT_DOUBLE_EQ(b.allreduce_s - b.replica_allreduce_s, a.allreduce_s);
+}
+
+// Two MoE blocks of `first` and `second` experts (model.moe.layer_experts), or one block of
+// `first` experts when second is 0.
+ModelConfig per_layer_config(int first, int second) {
+  ModelConfig c = small_config(std::max(first, second));
+  c.n_layers = second > 0 ? 2 : 1;
+  if (second > 0) c.layer_experts = {first, second};
+  return c;
+}
+
+// Forward FLOPs of one micro-step's GEMMs whose names start with `what`.
+double flops_of(const CostModel& m, const Layout& l, const Workload& w, const std::string& what) {
+  double f = 0;
+  for (const GemmTerm& g : m.gemms(l, w))
+    if (g.what.rfind(what, 0) == 0) f += 2.0 * static_cast<double>(g.m) * g.k * g.n * g.count;
+  return f;
+}
+
+TEST(CostModel, LayerExpertCountsSumBlockByBlock) {
+  const CostModel m84(per_layer_config(8, 4), 256), m88(per_layer_config(8, 8), 256);
+  const CostModel m8(per_layer_config(8, 0), 256), m4(per_layer_config(4, 0), 256);
+  const Layout l{2, 2, 1, 0};  // 4 ranks: 2 and 1 experts per rank
+  Workload w;
+  w.micro_batch = 4;
+  w.load_factor = 2.0;
+  auto predict = [&](const CostModel& m, const Workload& work) {
+    return m.predict(l, work, GemmRates(50), simple_net(), OtherRates());
+  };
+  const StepPrediction p84 = predict(m84, w), p88 = predict(m88, w);
+  const StepPrediction p8 = predict(m8, w), p4 = predict(m4, w);
+  ASSERT_TRUE(p84.feasible && p88.feasible && p8.feasible && p4.feasible);
+  // Fewer experts in the second block: less expert memory, router compute and count exchange
+  // than [8, 8] ...
+  EXPECT_LT(m84.expert_params_total(), m88.expert_params_total());
+  EXPECT_LT(p84.expert_params_local, p88.expert_params_local);
+  EXPECT_LT(m84.dense_params(), m88.dense_params());  // a smaller router
+  EXPECT_LT(flops_of(m84, l, w, "router"), flops_of(m88, l, w, "router"));
+  EXPECT_LT(p84.a2a_flat_s, p88.a2a_flat_s);
+  // ... while the expert GEMMs do the same work (k experts per token whatever E; with 1 expert
+  // per rank in the second block its busiest rank carries the hot expert's whole load).
+  EXPECT_EQ(flops_of(m84, l, w, "expert_"), flops_of(m88, l, w, "expert_"));
+  EXPECT_GT(p84.expert_s, p88.expert_s);
+  // ... and exactly the sum of one block of 8 and one block of 4 (every figure here is a sum of
+  // the same per-block terms; the exchange times within 1e-12 relative, their summation order
+  // differs).
+  EXPECT_EQ(m84.expert_params_total(), m8.expert_params_total() + m4.expert_params_total());
+  EXPECT_EQ(m84.expert_params_total(), (8 + 4) * m8.expert_params());
+  EXPECT_EQ(p84.expert_params_local, p8.expert_params_local + p4.expert_params_local);
+  EXPECT_EQ(p84.expert_params_local, (2 + 1) * m8.expert_params());
+  EXPECT_EQ(flops_of(m84, l, w, "expert_"),
+            flops_of(m8, l, w, "expert_") + flops_of(m4, l, w, "expert_"));
+  EXPECT_EQ(flops_of(m84, l, w, "router"),
+            flops_of(m8, l, w, "router") + flops_of(m4, l, w, "router"));
+  EXPECT_DOUBLE_EQ(p84.expert_s, p8.expert_s + p4.expert_s);  // each block at its own load
+  EXPECT_NEAR(p84.a2a_flat_s, p8.a2a_flat_s + p4.a2a_flat_s, 1e-12 * p84.a2a_flat_s);
+  EXPECT_NEAR(p84.a2a_hier_s, p8.a2a_hier_s + p4.a2a_hier_s, 1e-12 * p84.a2a_hier_s);
+  EXPECT_NEAR(
+      p84.expert_load,
+      (p8.expert_s + p4.expert_s) / (p8.expert_s / p8.expert_load + p4.expert_s / p4.expert_load),
+      1e-12);
+  // Equal counts given per block are the same model as one count for all.
+  const StepPrediction same = predict(CostModel(small_config(8), 256), w);
+  ModelConfig c = small_config(8);
+  c.layer_experts = {8, 8, 8, 8};
+  const StepPrediction listed = predict(CostModel(c, 256), w);
+  EXPECT_EQ(listed.step_flat_s, same.step_flat_s);
+  EXPECT_EQ(listed.expert_load, same.expert_load);
+  // Rebalancing plans each block with its own count.
+  Workload rb = w;
+  rb.rebalance_replicas = 1;
+  const StepPrediction r84 = predict(m84, rb), r8 = predict(m8, rb), r4 = predict(m4, rb);
+  EXPECT_DOUBLE_EQ(r84.expert_s, r8.expert_s + r4.expert_s);
+  EXPECT_EQ(r84.replicas, std::max(r8.replicas, r4.replicas));
+  // The ranks may not exceed the smallest block's experts.
+  EXPECT_FALSE(m84.predict({1, 8, 1, 0}, w, GemmRates(50), simple_net(), OtherRates()).feasible);
+  EXPECT_TRUE(m88.predict({1, 8, 1, 0}, w, GemmRates(50), simple_net(), OtherRates()).feasible);
 }
 
 TEST(CostModel, WeakScalingIsMonotonic) {
