@@ -294,7 +294,9 @@ StepPrediction CostModel::predict(const Layout& layout, const Workload& work,
     const double g = *std::max_element(rb.group_sizes.begin(), rb.group_sizes.end());
     const double alpha = N > 1 ? net.alpha : net.alpha_intra;
     const double beta = N > 1 ? net.beta : net.beta_intra;
-    const double one = 2 * (g - 1) / g * 4.0 * expert_params() / beta + 2 * (g - 1) * alpha;
+    // One all-reduce per replicated (block, expert): one expert's gradient in one block.
+    const double one =
+        2 * (g - 1) / g * 4.0 * expert_params_of(config_, 1) / beta + 2 * (g - 1) * alpha;
     const int rank_groups = *std::max_element(rb.rank_groups.begin(), rb.rank_groups.end());
     p.replica_allreduce_s += one * rank_groups * groups[i].second;
   }

@@ -161,6 +161,13 @@ TEST(CostModel, RebalancingEvensTheLoadAndPaysForReplicas) {
   EXPECT_EQ(b.replicas, 3);
   EXPECT_GT(b.replica_allreduce_s, 0.0);
   EXPECT_DOUBLE_EQ(b.allreduce_s - b.replica_allreduce_s, a.allreduce_s);
+  // One all-reduce per replicated (block, expert), of one expert's gradient in one block: the
+  // term grows linearly with the MoE blocks (4 here against 1).
+  ModelConfig one_block = small_config();
+  one_block.n_layers = 1;
+  StepPrediction c =
+      CostModel(one_block, 256).predict(l, rebal, GemmRates(50), simple_net(), OtherRates());
+  EXPECT_NEAR(b.replica_allreduce_s, 4 * c.replica_allreduce_s, 1e-12 * b.replica_allreduce_s);
 }
 
 // Two MoE blocks of `first` and `second` experts (model.moe.layer_experts), or one block of
