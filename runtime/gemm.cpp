@@ -53,22 +53,34 @@ void run_blis(int n_threads, Trans ta, Trans tb, float alpha, ConstView a, Const
 
 // Packed GEMM: kMr rows x one panel (2 vectors of 16) of C in registers, over all of k.
 typedef float Vec16 __attribute__((vector_size(64)));
-typedef uint16_t Half16 __attribute__((vector_size(32)));
 typedef uint32_t Word16 __attribute__((vector_size(64)));
 constexpr int kMaxRows = 8;
 static_assert(kPackWidth == 32, "the packed kernel holds a panel in two 16-float vectors");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 panels pair values in 32-bit words");
 
-// 16 consecutive panel values as fp32: fp32 as stored, bf16 widened exactly (the bf16 bits
-// become the upper half of the fp32, the lower half zero). Out parameters, not return values:
-// returning a 64-byte vector changes the ABI without AVX-512 (MOE_NATIVE=OFF), GCC warns.
-inline void load16(const float* p, Vec16& v) {
-  std::memcpy(&v, p, sizeof(Vec16));
+// One panel row (32 values) as two fp32 vectors, columns 0-15 and 16-31. Out parameters, not
+// return values: returning a 64-byte vector changes the ABI without AVX-512 (MOE_NATIVE=OFF).
+inline void load_row(const float* row, Vec16& b0, Vec16& b1) {
+  std::memcpy(&b0, row, sizeof(Vec16));
+  std::memcpy(&b1, row + 16, sizeof(Vec16));
 }
-inline void load16(const uint16_t* p, Vec16& v) {
-  Half16 h;
-  std::memcpy(&h, p, sizeof(Half16));
-  const Word16 w = __builtin_convertvector(h, Word16) << 16;
-  std::memcpy(&v, &w, sizeof(Vec16));
+// A bf16 row holds the columns in pairs (bf16_slot): 32-bit word i is column i in its low half
+// and column 16 + i in its high half. Widening is exact and costs one load and two bit
+// operations per row: shift column i into the upper half (the lower half zero), and mask
+// column 16 + i where it already is.
+inline void load_row(const uint16_t* row, Vec16& b0, Vec16& b1) {
+  Word16 w;
+  std::memcpy(&w, row, sizeof(Word16));
+  const Word16 lo = w << 16, hi = w & 0xffff0000u;
+  std::memcpy(&b0, &lo, sizeof(Vec16));
+  std::memcpy(&b1, &hi, sizeof(Vec16));
+}
+// Where column j (0-31) of a panel row sits: fp32 in order, bf16 paired as load_row reads it.
+constexpr int64_t fp32_slot(int64_t j) {
+  return j;
+}
+constexpr int64_t bf16_slot(int64_t j) {
+  return j < 16 ? 2 * j : 2 * (j - 16) + 1;
 }
 
 // One kernel body for both panel types: the same FMA chain, whatever B is stored in.
@@ -79,8 +91,7 @@ void packed_panel(int64_t k, const float* a, int64_t lda, const T* panel, float*
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = Vec16{};
   for (int64_t p = 0; p < k; ++p) {
     Vec16 b0, b1;
-    load16(panel + p * kPackWidth, b0);
-    load16(panel + p * kPackWidth + 16, b1);
+    load_row(panel + p * kPackWidth, b0, b1);
     for (int i = 0; i < kMr; ++i) {
       const float s = a[i * lda + p];
       acc0[i] += s * b0;
@@ -126,9 +137,10 @@ void run_packed(ConstView a, const T* data, int64_t k, int64_t n, View c) {
   }
 }
 
-// b [k, n] into panels of T ([ceil(n / 32)][k][32], zero-padded), each value through convert.
+// b [k, n] into panels of T ([ceil(n / 32)][k][32], zero-padded), each value through convert,
+// column j of a panel row at slot(j).
 template <typename T, typename Convert>
-void pack_panels(ConstView b, std::vector<T>& out, Convert convert) {
+void pack_panels(ConstView b, std::vector<T>& out, Convert convert, int64_t (*slot)(int64_t)) {
   const int64_t panels = (b.cols + kPackWidth - 1) / kPackWidth;
   out.assign(static_cast<size_t>(panels * b.rows * kPackWidth), T{});
   for (int64_t q = 0; q < panels; ++q) {
@@ -136,7 +148,7 @@ void pack_panels(ConstView b, std::vector<T>& out, Convert convert) {
     T* panel = out.data() + q * b.rows * kPackWidth;
     for (int64_t p = 0; p < b.rows; ++p) {
       const float* src = b.row(p) + j0;
-      for (int64_t j = 0; j < w; ++j) panel[p * kPackWidth + j] = convert(src[j]);
+      for (int64_t j = 0; j < w; ++j) panel[p * kPackWidth + slot(j)] = convert(src[j]);
     }
   }
 }
@@ -185,7 +197,8 @@ void pack_b(ConstView b, PackedB& out) {
   out.type = WeightType::kFp32;
   out.bf16.clear();
   out.bf16.shrink_to_fit();
-  pack_panels(b, out.data, [](float x) { return x; });
+  pack_panels(
+      b, out.data, [](float x) { return x; }, fp32_slot);
 }
 
 void pack_b_bf16(ConstView b, PackedB& out) {
@@ -194,7 +207,7 @@ void pack_b_bf16(ConstView b, PackedB& out) {
   out.type = WeightType::kBf16;
   out.data.clear();
   out.data.shrink_to_fit();
-  pack_panels(b, out.bf16, float_to_bf16);
+  pack_panels(b, out.bf16, float_to_bf16, bf16_slot);
 }
 
 void gemm_packed(ConstView a, const PackedB& b, View c) {

@@ -41,7 +41,8 @@ struct PackedB {
   int64_t k = 0, n = 0;
   WeightType type = WeightType::kFp32;
   std::vector<float> data;     // kFp32: [ceil(n / 32)][k][32]
-  std::vector<uint16_t> bf16;  // kBf16: the same layout, bf16 bit patterns
+  std::vector<uint16_t> bf16;  // kBf16: the same panels, bf16 bit patterns; within a panel
+                               // row, columns i and 16 + i side by side (i = 0 .. 15)
   bool empty() const { return data.empty() && bf16.empty(); }
   int64_t bytes() const {
     return static_cast<int64_t>(data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t));
