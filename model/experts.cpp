@@ -208,13 +208,6 @@ void ExpertBank::round_to_bf16() {
   }
 }
 
-int64_t ExpertBank::packed_bytes() const {
-  int64_t bytes = 0;
-  for (const PackedB& p : packed1_) bytes += p.bytes();
-  for (const PackedB& p : packed2_) bytes += p.bytes();
-  return bytes;
-}
-
 void ExpertBank::infer(ConstView x, const std::vector<int64_t>& offsets, View y) {
   MOE_CHECK(packed_for_inference(), "expert_bank.infer: pack_for_inference() first");
   MOE_CHECK_EQ(static_cast<int64_t>(offsets.size()), int64_t{n_local()} + 1,

@@ -69,8 +69,6 @@ class ExpertBank {
   bool packed_for_inference() const { return !packed1_.empty(); }
   // Rounds every local W1 and W2 to the nearest bf16 value, in place (kept in fp32). Local.
   void round_to_bf16();
-  // Bytes of the packed copies (0 before pack_for_inference).
-  int64_t packed_bytes() const;
   // forward()'s y from the packed weights, without a backward cache. Each row's result
   // depends on that row and its expert only (not on how many rows the call has), so a
   // sequence decodes the same whatever batch it shares a step with. Local; OpenMP inside.
