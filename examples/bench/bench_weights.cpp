@@ -8,6 +8,8 @@
 // this run:
 //   loss_fp32, loss_bf16     mean cross-entropy per target token (nats), and their difference
 //   logits_max_abs_diff      max |bf16 - fp32| over the last position's logits of each window
+//                            (a token whose router picks another expert stands out here)
+//   logits_mean_abs_diff     mean |bf16 - fp32| over the same logits
 //   logits_max_abs           max |fp32 logit| there (the scale of the difference)
 //   top1_agreement           fraction of those positions whose argmax is the same
 // Collective over the world; every rank scores its share of the windows.
@@ -85,28 +87,30 @@ int bench_weights(const std::vector<std::string>& argv) {
   model.round_inference_weights(WeightType::kBf16);
   const Scored bf16 = score(model, *data, seed, first, count, n, world);
 
-  double diff = 0, scale = 0, agree = 0;
+  double diff = 0, sum_diff = 0, scale = 0, agree = 0;
   for (int64_t w = 0; w < count; ++w) {
     const float* a = fp32.logits.data() + w * V;
     const float* b = bf16.logits.data() + w * V;
     for (int64_t j = 0; j < V; ++j) {
       diff = std::max(diff, double(std::abs(a[j] - b[j])));
+      sum_diff += std::abs(double(a[j]) - b[j]);
       scale = std::max(scale, double(std::abs(a[j])));
     }
     agree += std::max_element(a, a + V) - a == std::max_element(b, b + V) - b;
   }
   diff = world.max(diff);
+  const double mean_diff = world.sum(sum_diff) / double(n * V);
   scale = world.max(scale);
   agree = world.sum(agree) / double(n);
   if (rank != 0) return 0;
   std::printf("moe-bench weights: %d rank(s), %s, %lld %s windows of %lld tokens (%s)\n", P,
               ckpt.c_str(), (long long)n, split.c_str(), (long long)S, path.c_str());
-  std::printf("loss fp32 %.5f  bf16 %.5f  (bf16 - fp32 %+.5f nats/token, %+.3f%%)\n", fp32.loss,
+  std::printf("loss fp32 %.6f  bf16 %.6f  (bf16 - fp32 %+.2e nats/token, %+.4f%%)\n", fp32.loss,
               bf16.loss, bf16.loss - fp32.loss, 100 * (bf16.loss - fp32.loss) / fp32.loss);
   std::printf(
-      "last-position logits: max |bf16 - fp32| %.4g (max |logit| %.4g); top-1 agreement "
-      "%.4f\n",
-      diff, scale, agree);
+      "last-position logits: |bf16 - fp32| max %.4g, mean %.3g (max |logit| %.4g); top-1 "
+      "agreement %.4f\n",
+      diff, mean_diff, scale, agree);
   if (args.flag("--json")) {
     nlohmann::json out = {{"bench", "weights"},
                           {"ranks", P},
@@ -117,6 +121,7 @@ int bench_weights(const std::vector<std::string>& argv) {
                           {"loss_fp32", fp32.loss},
                           {"loss_bf16", bf16.loss},
                           {"logits_max_abs_diff", diff},
+                          {"logits_mean_abs_diff", mean_diff},
                           {"logits_max_abs", scale},
                           {"top1_agreement", agree}};
     std::printf("%s\n", out.dump().c_str());
