@@ -1,9 +1,11 @@
 // moe-serve: an HTTP completion service over the expert-parallel model.
 //   mpirun -np N build/bin/moe-serve --checkpoint DIR [--host 127.0.0.1] [--port 8000]
-//          [--max-batch 8] [--max-context L] [--data FILE]
-// Every rank loads the dense weights and its own experts. Rank 0 runs the HTTP server
-// (cpp-httplib, a thread pool) and the engine; HTTP threads only queue requests and wait for
-// their tokens: the main thread alone calls MPI (model/serve/engine.hpp). Endpoints:
+//          [--max-batch 8] [--max-context L] [--data FILE] [--weights fp32|bf16]
+// Every rank loads the dense weights and its own experts; --weights bf16 rounds the attention
+// and expert weights to bf16 and decodes on bf16 copies (Transformer::pack_for_inference). Rank 0
+// runs the HTTP server (cpp-httplib, a thread pool) and the engine; HTTP threads only queue
+// requests and wait for their tokens: the main thread alone calls MPI (model/serve/engine.hpp).
+// Endpoints:
 //   POST /v1/completions   model/serve/api.hpp; "stream": true sends server-sent events
 //   GET  /healthz          {"status": "ok"} (503 while shutting down)
 //   GET  /metrics          JSON counters of the engine and the HTTP front end, and the
@@ -255,7 +257,7 @@ int main(int argc, char** argv) {
   moe::comm::MpiSession mpi(&argc, &argv);
   return moe::run_or_die([&]() -> int {
     CLI::App app{"moe-serve: an HTTP completion service over a checkpoint"};
-    std::string ckpt, data, host = "127.0.0.1";
+    std::string ckpt, data, host = "127.0.0.1", weights_name = "fp32";
     int port = 8000, max_batch = 8, threads_http = 0;
     int64_t max_context = 0;
     app.add_option("--checkpoint", ckpt, "checkpoint root or step directory")->required();
@@ -270,6 +272,9 @@ int main(int argc, char** argv) {
                    "HTTP worker threads, one per open connection (default: max(80, 2 x max batch))")
         ->check(CLI::Range(1, 4096));
     app.add_option("--data", data, "token file whose tokenizer to use (default: the run's)");
+    app.add_option("--weights", weights_name,
+                   "fp32, or bf16: attention and expert weights rounded to bf16 (half the bytes "
+                   "a decode step reads)");
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -279,6 +284,7 @@ int main(int argc, char** argv) {
     // A streamed completion holds its HTTP thread until its last token: fewer threads than
     // max batch would leave batch slots that no connection can fill.
     if (threads_http == 0) threads_http = std::max(80, 2 * max_batch);
+    const moe::WeightType weights = moe::parse_weight_type(weights_name);
     moe::comm::Communicator world = moe::comm::Communicator::world();
     moe::log::init(world.rank(), world.size(), "info");
     moe::ThreadPolicy threads;
@@ -299,6 +305,7 @@ int main(int argc, char** argv) {
     moe::model::serve::EngineOptions eo;
     eo.max_batch = max_batch;
     eo.max_context = max_context > 0 ? max_context : config.get_int("train.seq_len");
+    eo.weights = weights;
     std::unique_ptr<Service> service;
     Engine engine(model, world, eo,
                   [&service](const std::vector<int32_t>& ids) { return service->decode(ids); });
@@ -349,9 +356,9 @@ int main(int argc, char** argv) {
       });
       std::printf(
           "moe-serve: listening on http://%s:%d (checkpoint step %lld, %d rank(s), "
-          "max batch %d, context %lld)\n",
+          "max batch %d, context %lld, weights %s)\n",
           host.c_str(), port, static_cast<long long>(meta.step), world.size(), max_batch,
-          static_cast<long long>(eo.max_context));
+          static_cast<long long>(eo.max_context), moe::weight_type_name(weights));
       std::fflush(stdout);
     }
     engine.run([] { return g_signal != 0; });

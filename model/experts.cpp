@@ -190,12 +190,21 @@ void ExpertBank::forward(ConstView x, const std::vector<int64_t>& offsets, View 
   }
 }
 
-void ExpertBank::pack_for_inference() {
+void ExpertBank::pack_for_inference(WeightType weights) {
+  if (weights == WeightType::kBf16) round_to_bf16();
+  auto pack = weights == WeightType::kBf16 ? pack_b_bf16 : pack_b;
   packed1_.resize(static_cast<size_t>(n_local()));
   packed2_.resize(static_cast<size_t>(n_local()));
   for (int e = 0; e < n_local(); ++e) {
-    pack_b(w1(e), packed1_[static_cast<size_t>(e)]);
-    pack_b(w2(e), packed2_[static_cast<size_t>(e)]);
+    pack(w1(e), packed1_[static_cast<size_t>(e)]);
+    pack(w2(e), packed2_[static_cast<size_t>(e)]);
+  }
+}
+
+void ExpertBank::round_to_bf16() {
+  for (int e = 0; e < n_local(); ++e) {
+    moe::round_to_bf16(w1(e));
+    moe::round_to_bf16(w2(e));
   }
 }
 

@@ -62,9 +62,13 @@ class ExpertBank {
   // until backward(). Local; OpenMP inside (call from serial code).
   void forward(ConstView x, const std::vector<int64_t>& offsets, View y, ExpertCache& cache);
   // Inference: W1 and W2 of every local expert packed for gemm_packed (runtime/gemm.hpp).
-  // Call again after the weights change (the packed copies do not follow them).
-  void pack_for_inference();
+  // Call again after the weights change (the packed copies do not follow them). kBf16 first
+  // rounds W1 and W2 to bf16 in place (round_to_bf16(), for good: forward() then computes on
+  // the same values) and packs bf16 panels, half the bytes of fp32 ones.
+  void pack_for_inference(WeightType weights = WeightType::kFp32);
   bool packed_for_inference() const { return !packed1_.empty(); }
+  // Rounds every local W1 and W2 to the nearest bf16 value, in place (kept in fp32). Local.
+  void round_to_bf16();
   // forward()'s y from the packed weights, without a backward cache. Each row's result
   // depends on that row and its expert only (not on how many rows the call has), so a
   // sequence decodes the same whatever batch it shares a step with. Local; OpenMP inside.

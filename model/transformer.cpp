@@ -460,11 +460,24 @@ ConstView Transformer::decode_step(std::span<const int32_t> last,
   return extend(last, ones_, caches);
 }
 
-void Transformer::pack_for_inference() {
+void Transformer::pack_for_inference(WeightType weights) {
+  round_inference_weights(weights);
   for (int l = 0; l < config_.n_layers; ++l) {
-    if (MoeLayer* m = moe_layer(l)) m->pack_for_inference();
-    if (Attention* a = blocks_[static_cast<size_t>(l)]->attn.get()) a->pack_for_inference();
+    if (MoeLayer* m = moe_layer(l)) m->pack_for_inference(weights);
+    if (Attention* a = blocks_[static_cast<size_t>(l)]->attn.get()) a->pack_for_inference(weights);
   }
+  inference_weights_ = weights;
+}
+
+void Transformer::round_inference_weights(WeightType weights) {
+  if (weights != WeightType::kBf16) return;
+  if (config_.peer_layer >= 0)
+    throw Error(ErrorKind::kConfig,
+                cat("weights bf16: not supported for a model with a PEER layer (block ",
+                    config_.peer_layer, ", model.moe.kind peer); use fp32"));
+  for (const ExpertBankRef& b : expert_banks()) b.bank->round_to_bf16();
+  for (auto& b : blocks_)
+    if (b->attn) b->attn->round_to_bf16();
 }
 
 std::vector<std::pair<std::string, View>> Transformer::buffers() {

@@ -149,9 +149,22 @@ class Transformer {
   ConstView decode_step(std::span<const int32_t> last, std::span<SequenceCache* const> caches);
   // Packs every MoE layer's local expert weights and the attention projections for the
   // inference kernels that extend() then uses (MoeLayer / Attention::pack_for_inference);
-  // serving and decoding benchmarks call it once after loading. Doubles those weights' memory;
-  // call again after the weights change. Local.
-  void pack_for_inference();
+  // serving and decoding benchmarks call it once after loading. Doubles those weights' memory
+  // (kBf16: 1.5 times); call again after the weights change. Local.
+  // kBf16 (weight-only bf16; activations and accumulation stay fp32): first
+  // round_inference_weights(kBf16), then bf16 panels, so a decode step reads half the bytes
+  // of those weights. Throws what round_inference_weights throws.
+  void pack_for_inference(WeightType weights = WeightType::kFp32);
+  // kBf16: rounds, in place and for good, the weights the inference GEMMs read to their
+  // nearest bf16 values (runtime/gemm.hpp round_to_bf16): attention W_qkv and W_o, and W1, W2
+  // of every expert bank (MoE layers and UMoE attention). Because the fp32 copies then hold
+  // exactly the bf16 values, every path (last_logits / generate() on BLIS, extend() on packed
+  // bf16 panels) computes on the same weights. Embedding, LM head, norms, routers, dense FFNs,
+  // shared experts and UMoE projections stay fp32. A model with a PEER layer is refused (a
+  // kConfig Error; nothing is changed). kFp32: nothing. Local; every rank rounds alike.
+  void round_inference_weights(WeightType weights);
+  // What pack_for_inference last packed (kFp32 before any call).
+  WeightType inference_weights() const { return inference_weights_; }
 
   // Replicated parameters in the order backward finishes them; sharded expert parameters.
   const std::vector<ParamRef>& dense_params() const { return dense_; }
@@ -227,8 +240,9 @@ class Transformer {
   std::vector<int32_t> ids_, targets_;  // [N]
   int64_t n_tokens_ = 0, n_seq_ = 0;
   // Incremental decoding scratch.
-  std::vector<KvCache*> layer_caches_;  // [B] one block's caches
-  std::vector<int64_t> ones_;           // [B] n_new of a decode step
+  std::vector<KvCache*> layer_caches_;                // [B] one block's caches
+  std::vector<int64_t> ones_;                         // [B] n_new of a decode step
+  WeightType inference_weights_ = WeightType::kFp32;  // pack_for_inference's last
 };
 
 }  // namespace moe::model

@@ -53,18 +53,45 @@ void run_blis(int n_threads, Trans ta, Trans tb, float alpha, ConstView a, Const
 
 // Packed GEMM: kMr rows x one panel (2 vectors of 16) of C in registers, over all of k.
 typedef float Vec16 __attribute__((vector_size(64)));
+typedef uint32_t Word16 __attribute__((vector_size(64)));
 constexpr int kMaxRows = 8;
 static_assert(kPackWidth == 32, "the packed kernel holds a panel in two 16-float vectors");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 panels pair values in 32-bit words");
 
-template <int kMr>
-void packed_panel(int64_t k, const float* a, int64_t lda, const float* panel, float* c, int64_t ldc,
+// One panel row (32 values) as two fp32 vectors, columns 0-15 and 16-31. Out parameters, not
+// return values: returning a 64-byte vector changes the ABI without AVX-512 (MOE_NATIVE=OFF).
+inline void load_row(const float* row, Vec16& b0, Vec16& b1) {
+  std::memcpy(&b0, row, sizeof(Vec16));
+  std::memcpy(&b1, row + 16, sizeof(Vec16));
+}
+// A bf16 row holds the columns in pairs (bf16_slot): 32-bit word i is column i in its low half
+// and column 16 + i in its high half. Widening is exact and costs one load and two bit
+// operations per row: shift column i into the upper half (the lower half zero), and mask
+// column 16 + i where it already is.
+inline void load_row(const uint16_t* row, Vec16& b0, Vec16& b1) {
+  Word16 w;
+  std::memcpy(&w, row, sizeof(Word16));
+  const Word16 lo = w << 16, hi = w & 0xffff0000u;
+  std::memcpy(&b0, &lo, sizeof(Vec16));
+  std::memcpy(&b1, &hi, sizeof(Vec16));
+}
+// Where column j (0-31) of a panel row sits: fp32 in order, bf16 paired as load_row reads it.
+constexpr int64_t fp32_slot(int64_t j) {
+  return j;
+}
+constexpr int64_t bf16_slot(int64_t j) {
+  return j < 16 ? 2 * j : 2 * (j - 16) + 1;
+}
+
+// One kernel body for both panel types: the same FMA chain, whatever B is stored in.
+template <int kMr, typename T>
+void packed_panel(int64_t k, const float* a, int64_t lda, const T* panel, float* c, int64_t ldc,
                   int64_t width) {
   Vec16 acc0[kMr], acc1[kMr];
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = Vec16{};
   for (int64_t p = 0; p < k; ++p) {
     Vec16 b0, b1;
-    std::memcpy(&b0, panel + p * kPackWidth, sizeof(Vec16));
-    std::memcpy(&b1, panel + p * kPackWidth + 16, sizeof(Vec16));
+    load_row(panel + p * kPackWidth, b0, b1);
     for (int i = 0; i < kMr; ++i) {
       const float s = a[i * lda + p];
       acc0[i] += s * b0;
@@ -84,24 +111,103 @@ void packed_panel(int64_t k, const float* a, int64_t lda, const float* panel, fl
   }
 }
 
-using PanelKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t,
-                             int64_t);
-constexpr PanelKernel kPanelKernels[kMaxRows + 1] = {
-    nullptr,         packed_panel<1>, packed_panel<2>, packed_panel<3>, packed_panel<4>,
-    packed_panel<5>, packed_panel<6>, packed_panel<7>, packed_panel<8>};
+template <typename T>
+using PanelKernel = void (*)(int64_t, const float*, int64_t, const T*, float*, int64_t, int64_t);
+template <typename T>
+constexpr PanelKernel<T> kPanelKernels[kMaxRows + 1] = {nullptr,
+                                                        packed_panel<1, T>,
+                                                        packed_panel<2, T>,
+                                                        packed_panel<3, T>,
+                                                        packed_panel<4, T>,
+                                                        packed_panel<5, T>,
+                                                        packed_panel<6, T>,
+                                                        packed_panel<7, T>,
+                                                        packed_panel<8, T>};
+
+// Panel by panel, all row blocks: the panel (k x 32 values) stays in cache across them.
+template <typename T>
+void run_packed(ConstView a, const T* data, int64_t k, int64_t n, View c) {
+  for (int64_t j0 = 0; j0 < n; j0 += kPackWidth) {
+    const T* panel = data + j0 * k;
+    const int64_t w = std::min(kPackWidth, n - j0);
+    for (int64_t i0 = 0; i0 < a.rows; i0 += kMaxRows) {
+      const int64_t mr = std::min<int64_t>(kMaxRows, a.rows - i0);
+      kPanelKernels<T>[mr](k, a.row(i0), a.ld, panel, c.row(i0) + j0, c.ld, w);
+    }
+  }
+}
+
+// b [k, n] into panels of T ([ceil(n / 32)][k][32], zero-padded), each value through convert,
+// column j of a panel row at slot(j).
+template <typename T, typename Convert>
+void pack_panels(ConstView b, std::vector<T>& out, Convert convert, int64_t (*slot)(int64_t)) {
+  const int64_t panels = (b.cols + kPackWidth - 1) / kPackWidth;
+  out.assign(static_cast<size_t>(panels * b.rows * kPackWidth), T{});
+  for (int64_t q = 0; q < panels; ++q) {
+    const int64_t j0 = q * kPackWidth, w = std::min(kPackWidth, b.cols - j0);
+    T* panel = out.data() + q * b.rows * kPackWidth;
+    for (int64_t p = 0; p < b.rows; ++p) {
+      const float* src = b.row(p) + j0;
+      for (int64_t j = 0; j < w; ++j) panel[p * kPackWidth + slot(j)] = convert(src[j]);
+    }
+  }
+}
 
 }  // namespace
+
+WeightType parse_weight_type(const std::string& name) {
+  if (name == "fp32") return WeightType::kFp32;
+  if (name == "bf16") return WeightType::kBf16;
+  throw Error(ErrorKind::kConfig, cat("weights '", name, "': expected fp32 or bf16"));
+}
+
+const char* weight_type_name(WeightType t) {
+  return t == WeightType::kBf16 ? "bf16" : "fp32";
+}
+
+uint16_t float_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u)  // NaN: keep the sign, force a quiet mantissa bit
+    return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  // Round to nearest, ties to even: add just under half an ulp of bf16, plus the lowest kept
+  // bit (so exact halves round up only from odd). Carries run into the exponent, which is
+  // right: the largest values round to Inf, Inf stays Inf.
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t{h} << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+void round_to_bf16(View b) {
+  for (int64_t i = 0; i < b.rows; ++i) {
+    float* r = b.row(i);
+    for (int64_t j = 0; j < b.cols; ++j) r[j] = bf16_to_float(float_to_bf16(r[j]));
+  }
+}
 
 void pack_b(ConstView b, PackedB& out) {
   out.k = b.rows;
   out.n = b.cols;
-  const int64_t panels = (b.cols + kPackWidth - 1) / kPackWidth;
-  out.data.assign(static_cast<size_t>(panels * b.rows * kPackWidth), 0.0f);
-  for (int64_t q = 0; q < panels; ++q) {
-    const int64_t j0 = q * kPackWidth, w = std::min(kPackWidth, b.cols - j0);
-    float* panel = out.data.data() + q * b.rows * kPackWidth;
-    for (int64_t p = 0; p < b.rows; ++p) std::copy_n(b.row(p) + j0, w, panel + p * kPackWidth);
-  }
+  out.type = WeightType::kFp32;
+  out.bf16.clear();
+  out.bf16.shrink_to_fit();
+  pack_panels(
+      b, out.data, [](float x) { return x; }, fp32_slot);
+}
+
+void pack_b_bf16(ConstView b, PackedB& out) {
+  out.k = b.rows;
+  out.n = b.cols;
+  out.type = WeightType::kBf16;
+  out.data.clear();
+  out.data.shrink_to_fit();
+  pack_panels(b, out.bf16, float_to_bf16, bf16_slot);
 }
 
 void gemm_packed(ConstView a, const PackedB& b, View c) {
@@ -109,15 +215,10 @@ void gemm_packed(ConstView a, const PackedB& b, View c) {
     throw Error(ErrorKind::kInternal,
                 cat("gemm_packed: A [", a.rows, ", ", a.cols, "] x B [", b.k, ", ", b.n, "] -> C [",
                     c.rows, ", ", c.cols, "]: shapes do not match"));
-  // Panel by panel, all row blocks: the panel (k x 32 floats) stays in cache across them.
-  for (int64_t j0 = 0; j0 < b.n; j0 += kPackWidth) {
-    const float* panel = b.data.data() + j0 * b.k;
-    const int64_t w = std::min(kPackWidth, b.n - j0);
-    for (int64_t i0 = 0; i0 < a.rows; i0 += kMaxRows) {
-      const int64_t mr = std::min<int64_t>(kMaxRows, a.rows - i0);
-      kPanelKernels[mr](b.k, a.row(i0), a.ld, panel, c.row(i0) + j0, c.ld, w);
-    }
-  }
+  if (b.type == WeightType::kBf16)
+    run_packed(a, b.bf16.data(), b.k, b.n, c);
+  else
+    run_packed(a, b.data.data(), b.k, b.n, c);
 }
 
 void gemm(Trans ta, Trans tb, float alpha, ConstView a, ConstView b, float beta, View c) {

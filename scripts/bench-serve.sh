@@ -12,7 +12,9 @@
 # HTTP concurrency 32 / PyTorch batch 32 (target >= 1.5x), HTTP concurrency 32 and 128 / 1
 # (target >= 5x).
 #   scripts/bench-serve.sh            env: SAMPLES (5), REQUESTS (64), TORCH_REFERENCE,
-#                                     TABLE_ONLY=1 (the table of the last run in runs/bench-serve)
+#                                     WEIGHTS (fp32; bf16: --weights bf16 for the engine and
+#                                     the server), TABLE_ONLY=1 (the table of the last run in
+#                                     runs/bench-serve)
 # Open MPI ranks yield the core while they wait (mpi_yield_when_idle): on a machine shared with
 # other work, busy-polling ranks otherwise burn the time slices their peers need.
 set -euo pipefail
@@ -24,16 +26,17 @@ ref=${TORCH_REFERENCE:-../shared/bench/torch_reference.py}
 [ -f "$ref" ] || ref=/work/shared/bench/torch_reference.py
 SAMPLES=${SAMPLES:-5}
 REQUESTS=${REQUESTS:-64}
-out=runs/bench-serve
+WEIGHTS=${WEIGHTS:-fp32}
+out=runs/bench-serve$([ "$WEIGHTS" = fp32 ] || echo "-$WEIGHTS")
 if [ "${TABLE_ONLY:-0}" = 0 ]; then  # TABLE_ONLY=1: print the table of the last run again
 rm -rf "$out"
 mkdir -p "$out"
 echo "# $(date -Is) load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo "== engine decode (moe-bench decode) =="
-mpirun -np 2 "$bin/moe-bench" decode --samples "$SAMPLES" --json | tee "$out/engine_2x1.txt" | sed '$d'
-"$bin/moe-bench" decode --threads 2 --samples "$SAMPLES" --json | tee "$out/engine_1x2.txt" | sed '$d'
-"$bin/moe-bench" decode --threads 1 --samples "$SAMPLES" --json | tee "$out/engine_1x1.txt" | sed '$d'
+mpirun -np 2 "$bin/moe-bench" decode --samples "$SAMPLES" --weights "$WEIGHTS" --json | tee "$out/engine_2x1.txt" | sed '$d'
+"$bin/moe-bench" decode --threads 2 --samples "$SAMPLES" --weights "$WEIGHTS" --json | tee "$out/engine_1x2.txt" | sed '$d'
+"$bin/moe-bench" decode --threads 1 --samples "$SAMPLES" --weights "$WEIGHTS" --json | tee "$out/engine_1x1.txt" | sed '$d'
 
 echo "== HTTP (moe-serve np 2 + examples/serve-bench.py) =="
 [ -s data/kjv.h5 ] || { bash scripts/export-corpus.sh data >/dev/null; "$bin/moe-data" build --input data/kjv.txt --output data/kjv.h5 >/dev/null; }
@@ -42,7 +45,7 @@ mpirun -np 2 "$bin/moe-train" --config examples/configs/small.yaml --set train.s
   --set run.dir="$out/train" --set checkpoint.dir="$out/ck" --set log.every=1000 >/dev/null
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mpirun -np 2 "$bin/moe-serve" --checkpoint "$out/ck" --port "$port" --max-batch 128 \
-  --max-context 96 >"$out/serve.log" 2>&1 &
+  --max-context 96 --weights "$WEIGHTS" >"$out/serve.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 240); do

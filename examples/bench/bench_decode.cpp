@@ -1,5 +1,6 @@
 // moe-bench decode: greedy decoding through the KV caches (Transformer::extend), no HTTP.
 //   mpirun -np 2 moe-bench decode [--batch 1,8,32] [--rank0-only] [--unpacked] [--json]
+//                                 [--weights fp32|bf16]
 //                                                                      2 ranks x 1 thread
 //   moe-bench decode --threads 2 [--json]                              1 rank  x 2 threads
 // The model is the PyTorch reference's default decode model (`torch_reference.py decode`):
@@ -12,14 +13,17 @@
 // ids and gathers the [B, V] logits, and samples; --rank0-only keeps every sequence on rank 0
 // (the other ranks join each step with no tokens). The expert weights are packed for decoding
 // (Transformer::pack_for_inference, as the server does); --unpacked runs the experts' GEMMs on
-// BLIS instead. Figures, each measured in this run:
+// BLIS instead. --weights bf16 rounds the attention and expert weights to bf16 and packs them
+// in bf16 (half the bytes; Transformer::pack_for_inference(kBf16), as moe-serve --weights
+// bf16). Figures, each measured in this run:
 //   decode_tokens_per_s   B x decode steps / decode seconds (decode steps only, as PyTorch's)
 //   ms_per_step           decode seconds / decode steps (median over samples)
 //   bandwidth_gbs         streaming read of a 256 MB buffer per rank, all ranks and threads at
 //                         once (best of 5): this machine's memory bandwidth as this run sees it
 //   active_mb             bytes one decode step must read at least once: every dense weight
 //                         (attention, norms, routers, LM head; not the untied embedding table)
-//                         plus the experts the step's tokens were routed to (per layer and step)
+//                         plus the experts the step's tokens were routed to (per layer and step);
+//                         the packed attention and expert weights at 2 bytes each with bf16
 //   limit_ms              active bytes / bandwidth: the physical limit of one step
 //   limit_ratio           ms_per_step / limit_ms (1 = the step runs at memory speed)
 //   flops_per_token       multiply-adds x 2 of one decode token: every dense weight once, top-k
@@ -129,15 +133,28 @@ int bench_decode(const std::vector<std::string>& argv) {
   }
   model::Transformer& model = *owned;
   const bool packed = !args.flag("--unpacked");  // --unpacked: experts on BLIS, as before
-  if (packed) model.pack_for_inference();
+  const WeightType weights = parse_weight_type(args.get("--weights", "fp32"));
+  if (packed)
+    model.pack_for_inference(weights);
+  else
+    model.round_inference_weights(weights);  // BLIS on the rounded fp32 weights
+  // Bytes per weight of what the step streams: the packed copies (bf16 or fp32); unpacked,
+  // the fp32 weights themselves.
+  const double packed_bytes = packed && weights == WeightType::kBf16 ? 2 : 4;
   const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
 
   // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
   double dense_bytes = 0;
-  for (const auto& p : model.dense_params())  // the untied embedding: only B rows are read
-    if (p.name != "embed.weight") dense_bytes += double(p.value.size()) * 4;
+  auto ends_with = [](const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  for (const auto& p : model.dense_params()) {  // the untied embedding: only B rows are read
+    if (p.name == "embed.weight") continue;
+    const bool attn_packed = ends_with(p.name, ".attn.w_qkv") || ends_with(p.name, ".attn.w_o");
+    dense_bytes += double(p.value.size()) * (attn_packed ? packed_bytes : 4);
+  }
   const int64_t d = cfg.d_model, f = cfg.moe.d_ff;
-  const double expert_bytes = double(2 * d * f) * 4;  // W1 [d, f] + W2 [f, d]
+  const double expert_bytes = double(2 * d * f) * packed_bytes;  // W1 [d, f] + W2 [f, d]
   const auto moe_layers = model.moe_layers();
   // FLOPs of one token: 2 per dense weight (the embedding row is a copy), 2 per weight of each
   // of its top-k experts in every MoE layer, and 4 d per attended position and layer (scores
@@ -242,9 +259,9 @@ int bench_decode(const std::vector<std::string>& argv) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s, experts %s\n", P,
+  std::printf("moe-bench decode: %d rank(s) x %s, sequences %s, experts %s, weights %s\n", P,
               policy.describe().c_str(), spread ? "spread over the ranks" : "on rank 0",
-              packed ? "packed (gemm_packed)" : "on BLIS (--unpacked)");
+              packed ? "packed (gemm_packed)" : "on BLIS (--unpacked)", weight_type_name(weights));
   std::printf(
       "model d%lld L%d H%d dff%lld E%d top-%d vocab%lld, %s; prompt %lld + %lld new "
       "(%lld decode steps)\n",
@@ -297,6 +314,7 @@ int bench_decode(const std::vector<std::string>& argv) {
         {"threads", policy.omp_threads},
         {"spread", spread},
         {"packed", packed},
+        {"weights", weight_type_name(weights)},
         {"d_model", d},
         {"layers", cfg.n_layers},
         {"heads", cfg.n_heads},

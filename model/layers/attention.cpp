@@ -267,7 +267,7 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
   if (rope_decode_.n_pos() < max_end) rope_decode_.prepare(0, max_end);
   View qkv = scratch(qkv_new_, n, 3 * d);
   View att = scratch(att_new_, n, d);
-  if (packed_qkv_.data.empty())
+  if (packed_qkv_.empty())
     gemm(Trans::kNo, Trans::kNo, 1.0f, x, w_qkv_.view(), 0.0f, qkv);
   else
     gemm_packed(x, packed_qkv_, qkv);
@@ -335,16 +335,23 @@ void Attention::forward_cached(ConstView x, std::span<const int64_t> n_new,
   for (int64_t b = 0; b < B; ++b)
     caches[static_cast<size_t>(b)]->len += n_new[static_cast<size_t>(b)];
 
-  if (packed_o_.data.empty())
+  if (packed_o_.empty())
     gemm(Trans::kNo, Trans::kNo, 1.0f, att, w_o_.view(), 0.0f, y);
   else
     gemm_packed(att, packed_o_, y);
   if (bias_) add_bias(y, b_o_.data());
 }
 
-void Attention::pack_for_inference() {
-  pack_b(w_qkv_.view(), packed_qkv_);
-  pack_b(w_o_.view(), packed_o_);
+void Attention::pack_for_inference(WeightType weights) {
+  if (weights == WeightType::kBf16) round_to_bf16();
+  auto pack = weights == WeightType::kBf16 ? pack_b_bf16 : pack_b;
+  pack(w_qkv_.view(), packed_qkv_);
+  pack(w_o_.view(), packed_o_);
+}
+
+void Attention::round_to_bf16() {
+  moe::round_to_bf16(w_qkv_.view());
+  moe::round_to_bf16(w_o_.view());
 }
 
 void Attention::backward(ConstView dy, View dx) {

@@ -117,8 +117,11 @@ class Attention {
   void forward_cached(ConstView x, std::span<const int64_t> n_new, std::span<KvCache* const> caches,
                       View y);
   // Packs W_qkv and W_o for forward_cached (runtime/gemm.hpp gemm_packed), which then uses
-  // the packed copies. Call again after the weights change.
-  void pack_for_inference();
+  // the packed copies. Call again after the weights change. kBf16 first rounds W_qkv and W_o
+  // to bf16 in place (round_to_bf16(), for good) and packs bf16 panels.
+  void pack_for_inference(WeightType weights = WeightType::kFp32);
+  // Rounds W_qkv and W_o to the nearest bf16 values, in place (kept in fp32). Local.
+  void round_to_bf16();
   // dy [N, d] -> dx [N, d] (overwritten; may alias dy or x). ACCUMULATES the
   // parameter gradients. Consumes the cache.
   void backward(ConstView dy, View dx);

@@ -253,8 +253,8 @@ void MoeLayer::infer(ConstView x, View y) {
   run_forward(x, y, /*inference=*/true);
 }
 
-void MoeLayer::pack_for_inference() {
-  experts_->pack_for_inference();
+void MoeLayer::pack_for_inference(WeightType weights) {
+  experts_->pack_for_inference(weights);
 }
 
 void MoeLayer::run_experts(ConstView xin, View yout, bool inference) {

@@ -155,7 +155,8 @@ class MoeLayer {
   void infer(ConstView x, View y);
   // Packs the local experts' weights for infer() (ExpertBank::pack_for_inference): from then
   // on infer() runs the experts on the packed copies. Call again after the weights change.
-  void pack_for_inference();
+  // kBf16 rounds the experts' weights to bf16 in place and packs bf16 panels.
+  void pack_for_inference(WeightType weights = WeightType::kFp32);
   // dy [T, d] -> dx [T, d] (overwritten). aux_scale multiplies the router's auxiliary loss in
   // the total loss. ACCUMULATES the router and expert gradients. Collective.
   void backward(ConstView dy, View dx, float aux_scale = 1.0f);

@@ -55,7 +55,7 @@ Engine::Engine(Transformer& model, const comm::Communicator& comm, const EngineO
     : model_(model), comm_(comm), options_(options), decode_(std::move(decode)) {
   MOE_CHECK(options_.max_batch >= 1 && options_.max_context >= 2, "engine: max_batch ",
             options_.max_batch, ", max_context ", options_.max_context);
-  model_.pack_for_inference();
+  model_.pack_for_inference(options_.weights);
   const int P = comm_.size();
   const int per_rank = options_.spread ? (options_.max_batch + P - 1) / P : options_.max_batch;
   const int mine = options_.spread || comm_.rank() == 0 ? per_rank : 0;

@@ -45,6 +45,9 @@ struct EngineOptions {
   int64_t max_context = 256;  // positions per sequence (prompt + generated)
   int64_t max_queue = 1024;   // queued requests beyond which submit() refuses
   bool spread = true;         // sequences (and their dense work) over all ranks, or rank 0 only
+  // Packed weights for decoding (Transformer::pack_for_inference); kBf16 rounds the model's
+  // attention and expert weights to bf16 in place (moe-serve --weights bf16).
+  WeightType weights = WeightType::kFp32;
 };
 
 enum class Finish { kNone, kLength, kStop, kCancelled };
@@ -95,7 +98,7 @@ class Engine {
   // decode turns ids into text (for stop strings); it is called on the engine thread only.
   // Allocates ceil(max_batch / P) caches of max_context positions on every rank (max_batch on
   // rank 0 without spread) and packs the model's expert weights for decoding
-  // (Transformer::pack_for_inference).
+  // (Transformer::pack_for_inference(options.weights)).
   Engine(Transformer& model, const comm::Communicator& comm, const EngineOptions& options,
          std::function<std::string(const std::vector<int32_t>&)> decode);
 

@@ -2,10 +2,15 @@
 // lengths, then decode steps with one new token each) equal the full recompute of
 // last_logits() within 1e-4 absolute, on any rank count. Rank 0 holds the sequences; the
 // other ranks join every forward with no tokens, as in serving. One case runs the experts on
-// their packed copies (Transformer::pack_for_inference), as the server does.
+// their packed copies (Transformer::pack_for_inference), as the server does; the bf16 cases
+// pack bf16 copies (--weights bf16), whose rounding reaches last_logits() too, so the same
+// 1e-4 holds. And bf16 logits stay within a stated distance of the fp32 ones.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "comm/communicator.hpp"
@@ -42,7 +47,8 @@ double max_diff(ConstView a, ConstView b) {
   return m;
 }
 
-void check_decode(int every_n, bool umoe = false, bool share = false, bool packed = false) {
+void check_decode(int every_n, bool umoe = false, bool share = false, bool packed = false,
+                  moe::WeightType weights = moe::WeightType::kFp32) {
   Communicator world = Communicator::world();
   const bool root = world.rank() == 0;
   ModelConfig cfg = tiny(every_n);
@@ -54,7 +60,7 @@ void check_decode(int every_n, bool umoe = false, bool share = false, bool packe
     cfg.umoe.shared_experts = 1;
   }
   Transformer model(cfg, world, 99);
-  if (packed) model.pack_for_inference();  // extend() on the packed experts, as the server
+  if (packed) model.pack_for_inference(weights);  // extend() on the packed experts, as the server
   std::mt19937 rng(5);
   const std::vector<int64_t> prompt_len = {5, 9, 2};
   const int64_t B = static_cast<int64_t>(prompt_len.size()), steps = 6, max_context = 20;
@@ -132,6 +138,15 @@ TEST(Decode, KvCacheMatchesFullRecomputeMoe) {
 TEST(Decode, KvCacheMatchesFullRecomputeMoePackedExperts) {
   check_decode(1, false, false, true);
 }
+TEST(Decode, KvCacheMatchesFullRecomputeMoePackedBf16) {
+  check_decode(1, false, false, true, moe::WeightType::kBf16);
+}
+TEST(Decode, KvCacheMatchesFullRecomputeMixedPackedBf16) {
+  check_decode(2, false, false, true, moe::WeightType::kBf16);
+}
+TEST(Decode, KvCacheMatchesFullRecomputeUmoeSharedPackedBf16) {
+  check_decode(1, true, true, true, moe::WeightType::kBf16);
+}
 TEST(Decode, KvCacheMatchesFullRecomputeMixed) {
   check_decode(2);
 }
@@ -143,6 +158,86 @@ TEST(Decode, KvCacheMatchesFullRecomputeUmoeAttentionOnly) {
 }
 TEST(Decode, KvCacheMatchesFullRecomputeDense) {
   check_decode(0);
+}
+
+// The same model in fp32 and with --weights bf16 (rounded attention and expert weights): the
+// logits of a few sequences (full recompute, and a prefill through the packed bf16 kernels)
+// differ, but by at most kBf16Tol times the largest |logit|. Measured on this model: 2.9e-3
+// (9.8e-4 on logits up to 0.34; bf16 keeps 8 significant bits, a relative step of 2^-8); the
+// bound leaves a margin of about 7.
+TEST(Decode, Bf16LogitsCloseToFp32) {
+  constexpr double kBf16Tol = 2e-2;
+  Communicator world = Communicator::world();
+  const bool root = world.rank() == 0;
+  ModelConfig cfg = tiny(1);
+  cfg.d_model = 32;
+  cfg.moe.d_ff = 48;
+  Transformer fp32(cfg, world, 7), bf16(cfg, world, 7);
+  bf16.pack_for_inference(moe::WeightType::kBf16);
+  EXPECT_EQ(bf16.inference_weights(), moe::WeightType::kBf16);
+  // The rounded weights are bf16 values (low 16 bits zero), and they did change.
+  double changed = 0;
+  for (size_t i = 0; i < bf16.expert_params().size(); ++i) {
+    ConstView w = bf16.expert_params()[i].value, v = fp32.expert_params()[i].value;
+    for (int64_t r = 0; r < w.rows; ++r)
+      for (int64_t c = 0; c < w.cols; ++c) {
+        uint32_t u;
+        std::memcpy(&u, &w(r, c), sizeof(u));
+        ASSERT_EQ(u & 0xffffu, 0u);
+        changed = std::max(changed, std::abs(double(w(r, c)) - v(r, c)));
+      }
+  }
+  EXPECT_GT(changed, 0.0);
+  std::mt19937 rng(3);
+  double worst = 0, scale = 0;
+  for (int64_t len : {1, 7, 16}) {
+    std::vector<int32_t> ids;
+    if (root)
+      for (int64_t t = 0; t < len; ++t) ids.push_back(static_cast<int32_t>(rng() % cfg.vocab_size));
+    const int64_t n = root ? 1 : 0;
+    ConstView a = fp32.last_logits(ids, n, root ? len : 0);
+    std::vector<float> want(a.data, a.data + a.rows * a.cols);
+    ConstView b = bf16.last_logits(ids, n, root ? len : 0);
+    std::vector<float> full(b.data, b.data + b.rows * b.cols);
+    SequenceCache cache = bf16.new_cache(16);
+    std::vector<int64_t> n_new;
+    std::vector<SequenceCache*> seqs;
+    if (root) {
+      n_new.push_back(len);
+      seqs.push_back(&cache);
+    }
+    ConstView c = bf16.extend(ids, n_new, seqs);
+    if (!root) continue;
+    const ConstView w(want.data(), 1, cfg.vocab_size), f(full.data(), 1, cfg.vocab_size);
+    worst = std::max({worst, max_diff(f, w), max_diff(c, w)});
+    EXPECT_LT(max_diff(c, f), kTol) << "packed bf16 vs recompute, length " << len;
+    for (float x : want) scale = std::max(scale, double(std::abs(x)));
+  }
+  if (root) {
+    EXPECT_LT(worst, kBf16Tol * scale);
+    EXPECT_GT(worst, 0.0);
+    std::printf("bf16 vs fp32 logits: max |diff| %.3g (max |logit| %.3g)\n", worst, scale);
+  }
+}
+
+// A PEER layer has no bf16 path: the request is refused with a config error, nothing rounded.
+TEST(Decode, Bf16RefusesPeer) {
+  Communicator world = Communicator::world();
+  ModelConfig cfg = tiny(0);
+  cfg.peer_layer = 1;
+  cfg.peer.n_sub_keys = 4;
+  cfg.peer.heads = 2;
+  cfg.peer.top_k = 2;
+  cfg.peer.d_key = 4;
+  Transformer model(cfg, world, 3);
+  try {
+    model.pack_for_inference(moe::WeightType::kBf16);
+    ADD_FAILURE() << "no error";
+  } catch (const moe::Error& e) {
+    EXPECT_EQ(e.kind(), moe::ErrorKind::kConfig);
+    EXPECT_NE(std::string(e.what()).find("PEER"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(model.inference_weights(), moe::WeightType::kFp32);
 }
 
 TEST(Decode, CacheOverflowIsAnError) {

@@ -12,6 +12,8 @@
 #   - SIGTERM to the server (rank 0) drains and ends every rank: mpirun exits 0 within 30 s.
 #     (A SIGTERM to mpirun itself reaches every rank too and they stop the same way, but
 #     Open MPI's mpirun then reports 1 for a signalled job.)
+#   - --weights bf16: the server's greedy text equals moe-generate --weights bf16 on 2 ranks
+#     (both round the same weights); --weights fp16 is refused with a clear error.
 # Environment as for tests/train (lib.sh), plus MOE_SERVE and MOE_GENERATE (the binaries).
 source "$MOE_TESTS/lib.sh"
 : "${MOE_SERVE:?}" "${MOE_GENERATE:?}"
@@ -111,4 +113,22 @@ alive "a second server on the same port"
 echo "+ a second server on port $PORT: refused"
 
 stop_server
+
+# Weight-only bf16: moe-generate rounds the attention and expert weights, the server also packs
+# them in bf16; the greedy text is the same.
+generated greedy_bf16 2 --max-tokens $N --temperature 0 --weights bf16
+cp "$S/greedy_bf16.txt" "$S/reference.txt"
+cmp -s "$S/greedy_bf16.txt" "$S/greedy_np2.txt" && echo "+ bf16 greedy text: the same as fp32's" ||
+  echo "+ bf16 greedy text differs from fp32's"
+start_server 2 --max-batch 4 --weights bf16
+grep -q "weights bf16" "$S/serve.log" || fail "no 'weights bf16' in the banner: $(tail -n 3 "$S/serve.log")"
+check_greedy
+stop_server
+if timeout 60 "${MPIRUN[@]}" -np 2 "$MOE_SERVE" --checkpoint "$CK" --weights fp16 \
+  >"$S/badweights.log" 2>&1; then
+  fail "moe-serve --weights fp16 started"
+fi
+grep -q "error: .*weights 'fp16': expected fp32 or bf16" "$S/badweights.log" ||
+  fail "--weights fp16: $(tail -n 3 "$S/badweights.log")"
+echo "+ --weights fp16: refused"
 echo "PASS"

@@ -6,6 +6,9 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 
 using moe::ConstView;
@@ -119,4 +122,97 @@ TEST(GemmPacked, MatchesReferenceAndRowsAreIndependent) {
   Tensor wrong({2, n + 1});
   EXPECT_THROW(moe::gemm_packed(ConstView(wrong.view()).col_range(0, k), packed, wrong.view()),
                moe::Error);
+}
+
+// bf16 rounding: hand values around ties (to even), the largest finite values, Inf and NaN.
+TEST(Bf16, RoundsToNearestEven) {
+  auto bits = [](uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, sizeof(x));
+    return x;
+  };
+  EXPECT_EQ(moe::float_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(moe::float_to_bf16(-2.0f), 0xc000);
+  EXPECT_EQ(moe::float_to_bf16(0.0f), 0x0000);
+  EXPECT_EQ(moe::float_to_bf16(-0.0f), 0x8000);
+  // 1 + 2^-8 is half way between 1 and 1 + 2^-7: ties to the even 1.
+  EXPECT_EQ(moe::float_to_bf16(bits(0x3f808000)), 0x3f80);
+  // 1 + 3 * 2^-8 is half way between 1 + 2^-7 (odd) and 1 + 2^-6: up to the even one.
+  EXPECT_EQ(moe::float_to_bf16(bits(0x3f818000)), 0x3f82);
+  // Just above and below a tie go to the nearer value.
+  EXPECT_EQ(moe::float_to_bf16(bits(0x3f808001)), 0x3f81);
+  EXPECT_EQ(moe::float_to_bf16(bits(0x3f807fff)), 0x3f80);
+  EXPECT_EQ(moe::float_to_bf16(bits(0xbf808001)), 0xbf81);  // the sign is kept
+  // pi = 0x40490fdb -> 0x4049 (3.140625).
+  EXPECT_EQ(moe::float_to_bf16(3.14159265f), 0x4049);
+  EXPECT_EQ(moe::bf16_to_float(0x4049), 3.140625f);
+  // Subnormals round like any other value.
+  EXPECT_EQ(moe::float_to_bf16(bits(0x00008000)), 0x0000);
+  EXPECT_EQ(moe::float_to_bf16(bits(0x00018000)), 0x0002);
+  // The largest float rounds up to Inf; the largest bf16 stays; Inf stays Inf.
+  EXPECT_EQ(moe::float_to_bf16(std::numeric_limits<float>::max()), 0x7f80);
+  EXPECT_EQ(moe::float_to_bf16(bits(0x7f7f0000)), 0x7f7f);
+  EXPECT_EQ(moe::float_to_bf16(std::numeric_limits<float>::infinity()), 0x7f80);
+  EXPECT_EQ(moe::float_to_bf16(-std::numeric_limits<float>::infinity()), 0xff80);
+  // NaN stays NaN (also one whose payload is only in the dropped bits), sign kept.
+  EXPECT_TRUE(std::isnan(moe::bf16_to_float(moe::float_to_bf16(bits(0x7f800001)))));
+  EXPECT_TRUE(std::isnan(moe::bf16_to_float(moe::float_to_bf16(bits(0xffc00000)))));
+  EXPECT_EQ(moe::float_to_bf16(bits(0xffc00000)) & 0x8000, 0x8000);
+  // Every bf16 value survives the round trip, and round_to_bf16 is idempotent.
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float x = moe::bf16_to_float(static_cast<uint16_t>(h));
+    if (!std::isnan(x)) {
+      ASSERT_EQ(moe::float_to_bf16(x), h);
+    }
+  }
+  Tensor t({3, 5});
+  randomize(t.view(), 9);
+  moe::round_to_bf16(t.view());
+  Tensor u({3, 5});
+  moe::copy(t.view(), u.view());
+  moe::round_to_bf16(u.view());
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t j = 0; j < 5; ++j) {
+      ASSERT_EQ(t.view()(i, j), u.view()(i, j));
+      uint32_t v;
+      std::memcpy(&v, &t.view()(i, j), sizeof(v));
+      ASSERT_EQ(v & 0xffffu, 0u);
+    }
+  EXPECT_EQ(moe::parse_weight_type("bf16"), moe::WeightType::kBf16);
+  EXPECT_EQ(moe::parse_weight_type("fp32"), moe::WeightType::kFp32);
+  EXPECT_THROW(moe::parse_weight_type("fp16"), moe::Error);
+}
+
+// The bf16 packed kernel widens each weight exactly and runs the fp32 kernel's FMA chain: on
+// odd shapes (ragged last panels, every row count of a register block and beyond) it equals
+// the fp32 packed kernel on the rounded weights bit for bit, and holds half the bytes.
+TEST(GemmPacked, Bf16EqualsFp32OnRoundedWeightsBitwise) {
+  for (auto [k, n] : {std::pair<int64_t, int64_t>{45, 70}, {16, 31}, {33, 97}, {7, 1}}) {
+    Tensor b({k, n}), rounded({k, n});
+    randomize(b.view(), 11);
+    moe::copy(b.view(), rounded.view());
+    moe::round_to_bf16(rounded.view());
+    moe::PackedB p16, p32;
+    moe::pack_b_bf16(b.view(), p16);
+    moe::pack_b(rounded.view(), p32);
+    EXPECT_EQ(p16.type, moe::WeightType::kBf16);
+    EXPECT_EQ(p16.k, k);
+    EXPECT_EQ(p16.n, n);
+    EXPECT_EQ(2 * p16.bytes(), p32.bytes());
+    for (int64_t m = 1; m <= 17; ++m) {
+      if (m > 9 && m < 17) continue;
+      Tensor abuf({m, k + 3}), c16({m, n}), c32({m, n}), ref({m, n});
+      randomize(abuf.view(), 12 + m);
+      ConstView a = ConstView(abuf.view()).col_range(2, k);
+      moe::gemm_packed(a, p16, c16.view());
+      moe::gemm_packed(a, p32, c32.view());
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          ASSERT_EQ(std::memcmp(&c16.view()(i, j), &c32.view()(i, j), sizeof(float)), 0)
+              << "k " << k << " n " << n << " m " << m << " (" << i << ", " << j << ")";
+      // And both are a GEMM on the rounded weights.
+      moe::gemm_reference(Trans::kNo, Trans::kNo, 1.0f, a, rounded.view(), 0.0f, ref.view());
+      EXPECT_LT(moe::max_rel_error(c16.view(), ref.view()), 1e-5) << "m = " << m;
+    }
+  }
 }
