@@ -42,9 +42,11 @@ struct Instance {
 };
 
 // Puts `inst` (share descending) into bins: least load, then fewest instances, then lowest
-// index, never two instances of one expert in a bin; the last instances fill bins below min.
-void lpt_fill(const std::vector<Instance>& inst, int min_per_bin,
-              std::vector<std::vector<int>>& bins, std::vector<double>& bin_load) {
+// index, never two instances of one expert in a bin nor more than `cap` in one; the last
+// instances fill bins below min. Returns -1, or the expert of an instance no bin could take
+// (the bins then hold what was placed before it).
+int lpt_fill(const std::vector<Instance>& inst, int min_per_bin, int cap,
+             std::vector<std::vector<int>>& bins, std::vector<double>& bin_load) {
   const size_t P = bins.size();
   for (size_t i = 0; i < inst.size(); ++i) {
     int64_t missing = 0;
@@ -56,15 +58,18 @@ void lpt_fill(const std::vector<Instance>& inst, int min_per_bin,
     int best = -1;
     for (int pass = 0; pass < 2 && best < 0; ++pass)  // pass 1: drop the minimum rule
       for (size_t b = 0; b < P; ++b) {
-        if (holds(b) || (pass == 0 && forced && int(bins[b].size()) >= min_per_bin)) continue;
+        if (holds(b) || int(bins[b].size()) >= cap ||
+            (pass == 0 && forced && int(bins[b].size()) >= min_per_bin))
+          continue;
         if (best < 0 || bin_load[b] < bin_load[best] ||
             (bin_load[b] == bin_load[best] && bins[b].size() < bins[best].size()))
           best = static_cast<int>(b);
       }
-    MOE_CHECK(best >= 0, "rebalance: no rank can take an instance of expert ", inst[i].expert);
+    if (best < 0) return inst[i].expert;
     bins[best].push_back(inst[i].expert);
     bin_load[best] += inst[i].share;
   }
+  return -1;
 }
 
 // Instance lists from per-rank expert sets: increasing rank, `current`'s primary first if kept.
@@ -87,7 +92,7 @@ ExpertPlacement from_rank_sets(const std::vector<std::vector<int>>& held,
 // cooler one (ties: the smaller share moved). Each step lowers the sum of squared rank loads,
 // so it ends.
 ExpertPlacement local_search(const std::vector<double>& load, const ExpertPlacement& current,
-                             int min_per) {
+                             int min_per, int cap) {
   const int E = current.n_experts(), P = current.n_ranks();
   std::vector<std::vector<int>> held(static_cast<size_t>(P));
   for (int r = 0; r < P; ++r) held[r] = current.local_experts(r);
@@ -113,7 +118,8 @@ ExpertPlacement local_search(const std::vector<double>& load, const ExpertPlacem
     };
     for (int x : held[hi]) {
       if (holds(lo, x)) continue;
-      if (static_cast<int>(held[hi].size()) > min_per) consider(x, -1);
+      if (static_cast<int>(held[hi].size()) > min_per && static_cast<int>(held[lo].size()) < cap)
+        consider(x, -1);
       for (int y : held[lo])
         if (!holds(hi, y) && share[x] > share[y]) consider(x, y);
     }
@@ -138,27 +144,54 @@ double rank_imbalance(const std::vector<double>& load, const ExpertPlacement& pl
   return max_over_mean(rank_loads(load, placement));
 }
 
+int expert_cap(const RebalanceOptions& options, int n_experts, int n_ranks) {
+  if (options.max_experts_per_rank > 0) return options.max_experts_per_rank;
+  return 2 * ((n_experts + n_ranks - 1) / std::max(1, n_ranks));
+}
+
+void check_expert_cap(const RebalanceOptions& options, int n_experts, int n_ranks) {
+  const int need = (n_experts + n_ranks - 1) / std::max(1, n_ranks);
+  const int cap = expert_cap(options, n_experts, n_ranks);
+  if (cap < need)
+    throw Error(ErrorKind::kConfig,
+                cat("comm.rebalance.max_experts_per_rank = ", cap, " cannot place ", n_experts,
+                    " experts on ", n_ranks, " ranks: a rank must hold up to ceil(", n_experts,
+                    " / ", n_ranks, ") = ", need, "; set it to at least ", need,
+                    " (0 = the default, ", 2 * need, ")"));
+}
+
+int max_instances(const ExpertPlacement& placement) {
+  int most = 0;
+  for (int r = 0; r < placement.n_ranks(); ++r) most = std::max(most, placement.n_local(r));
+  return most;
+}
+
 PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacement& current,
                              const RebalanceOptions& options) {
   const int E = current.n_experts(), P = current.n_ranks();
   MOE_CHECK(static_cast<int>(load.size()) == E, "rebalance: ", load.size(), " loads for ", E,
             " experts");
   const int min_per = std::max(1, options.min_experts_per_rank);
-  if (int64_t(P) * min_per > int64_t(E) + std::max(0, options.replicas))
+  check_expert_cap(options, E, P);
+  const int cap = expert_cap(options, E, P);
+  if (int64_t(P) * min_per > int64_t(E) + std::max(0, options.replicas) || min_per > cap)
     throw Error(ErrorKind::kConfig, cat("rebalance: ", P, " ranks x ", min_per,
                                         " experts each exceed the ", E, " experts"));
   const double total = std::accumulate(load.begin(), load.end(), 0.0);
   PlacementPlan out;
   out.placement = current;
+  out.cap = cap;
+  out.instances_before = out.instances_after = max_instances(current);
   const std::vector<double> before = rank_loads(load, current);
   out.max_before = out.max_after = *std::max_element(before.begin(), before.end());
   out.imbalance_before = out.imbalance_after = max_over_mean(before);
   if (!(total > 0.0)) return out;
 
-  // 1. Replicas for the experts whose share exceeds the ideal rank load.
+  // 1. Replicas for the experts whose share exceeds the ideal rank load, while the instances
+  // fit under the cap.
   std::vector<int> n_inst(static_cast<size_t>(E), 1);
   const double ideal = total / P;
-  for (int i = 0; i < options.replicas; ++i) {
+  for (int i = 0; i < options.replicas && E + i < int64_t(P) * cap; ++i) {
     int best = -1;
     for (int e = 0; e < E; ++e)
       if (n_inst[e] < P && (best < 0 || load[e] / n_inst[e] > load[best] / n_inst[best])) best = e;
@@ -167,24 +200,33 @@ PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacem
     ++n_inst[best];
   }
 
-  // 2. Instances into bins.
-  std::vector<std::vector<int>> bins(static_cast<size_t>(P));
-  std::vector<double> bin_load(static_cast<size_t>(P), 0.0);
-  std::vector<Instance> inst;
-  for (int e = 0; e < E; ++e)
-    for (int i = (options.policy == RebalancePolicy::kReplicate ? 1 : 0); i < n_inst[e]; ++i)
-      inst.push_back({e, load[e] / n_inst[e]});
-  std::stable_sort(inst.begin(), inst.end(),
-                   [](const Instance& a, const Instance& b) { return a.share > b.share; });
+  // 2. Instances into bins; a replica no bin with room can take is dropped, and the fill
+  // repeated with the shares that leaves.
+  std::vector<std::vector<int>> bins;
+  std::vector<double> bin_load;
   bool matched = false;
-  if (options.policy == RebalancePolicy::kReplicate) {  // primaries stay, in rank order
-    for (int e = 0; e < E; ++e) {
-      bins[current.owner(e)].push_back(e);
-      bin_load[current.owner(e)] += load[e] / n_inst[e];
+  for (;;) {
+    bins.assign(static_cast<size_t>(P), {});
+    bin_load.assign(static_cast<size_t>(P), 0.0);
+    std::vector<Instance> inst;
+    for (int e = 0; e < E; ++e)
+      for (int i = (options.policy == RebalancePolicy::kReplicate ? 1 : 0); i < n_inst[e]; ++i)
+        inst.push_back({e, load[e] / n_inst[e]});
+    std::stable_sort(inst.begin(), inst.end(),
+                     [](const Instance& a, const Instance& b) { return a.share > b.share; });
+    if (options.policy == RebalancePolicy::kReplicate) {  // primaries stay, in rank order
+      for (int e = 0; e < E; ++e) {
+        bins[current.owner(e)].push_back(e);
+        bin_load[current.owner(e)] += load[e] / n_inst[e];
+      }
+      matched = true;  // bins are ranks already
     }
-    matched = true;  // bins are ranks already
+    const int stuck = lpt_fill(inst, min_per, cap, bins, bin_load);
+    if (stuck < 0) break;
+    // A first instance always finds room (at most P C instances), so this is a replica.
+    MOE_CHECK(n_inst[stuck] > 1, "rebalance: no rank can take expert ", stuck);
+    --n_inst[stuck];
   }
-  lpt_fill(inst, min_per, bins, bin_load);
 
   // 3. Bins to ranks by overlap with what each rank holds now.
   std::vector<int> bin_rank(static_cast<size_t>(P), -1);
@@ -227,7 +269,7 @@ PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacem
   for (int e = 0; e < E && same_instances; ++e)
     same_instances = n_inst[e] == current.n_instances(e);
   if (same_instances) {
-    ExpertPlacement near = local_search(load, current, min_per);
+    ExpertPlacement near = local_search(load, current, min_per, cap);
     const std::vector<double> a = rank_loads(load, next), b = rank_loads(load, near);
     auto moves = [&](const ExpertPlacement& p) {
       int n = 0;
@@ -237,17 +279,21 @@ PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacem
     };
     if (*std::max_element(b.begin(), b.end()) <=
             *std::max_element(a.begin(), a.end()) * (1.0 + options.min_gain) &&
-        moves(near) <= moves(next))
+        moves(near) <= moves(next) && max_instances(near) <= cap)
       next = std::move(near);
   }
   const std::vector<double> after = rank_loads(load, next);
   const double max_after = *std::max_element(after.begin(), after.end());
-  // 4. Keep the current map unless the gain is worth a migration.
-  if (next == current || !(max_after * (1.0 + options.min_gain) <= out.max_before)) return out;
+  // 4. Keep the current map unless the gain is worth a migration, or it exceeds the cap (a
+  // map from a checkpoint of another cap or policy) and the new one holds fewer.
+  const bool over_cap = out.instances_before > cap && max_instances(next) < out.instances_before;
+  if (next == current || (!over_cap && !(max_after * (1.0 + options.min_gain) <= out.max_before)))
+    return out;
   out.placement = std::move(next);
   out.changed = true;
   out.max_after = max_after;
   out.imbalance_after = max_over_mean(after);
+  out.instances_after = max_instances(out.placement);
   return out;
 }
 

@@ -26,7 +26,13 @@
 //      swaps between the busiest and the least-loaded rank) is taken instead when it moves no
 //      more experts, unless the fresh placement's maximum is lower by more than min_gain;
 //   4. if the predicted maximum rank load does not drop by at least min_gain (relative), the
-//      current placement is kept.
+//      current placement is kept (unless it holds more instances on a rank than the cap).
+// A cap C on instances per rank (replicas count; max_experts_per_rank, default 2 ceil(E / P))
+// bounds the experts' memory on each rank: step 1 adds replicas only while the instances fit
+// into P C, steps 2 and 3 give no more instances to a rank at C (the next least-loaded rank
+// with room takes them; a replica that fits on no rank holding none of its expert is dropped
+// and the plan repeated), and the local search moves an instance only to a rank below C.
+// Policy replicate keeps primaries where they are, so there the cap bounds only the replicas.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +53,17 @@ struct RebalanceOptions {
   RebalancePolicy policy = RebalancePolicy::kLpt;  // comm.rebalance.policy
   int min_experts_per_rank = 1;                    // every rank keeps at least this many
   double min_gain = 0.05;                          // comm.rebalance.min_gain
+  // comm.rebalance.max_experts_per_rank: instances (replicas count) per rank per layer;
+  // 0 = 2 ceil(E / P).
+  int max_experts_per_rank = 0;
 };
+
+// The cap on instances per rank of E experts on P ranks under `options` (the default resolved).
+int expert_cap(const RebalanceOptions& options, int n_experts, int n_ranks);
+// Throws Error(kConfig) naming the cap and ceil(E / P) when the cap cannot hold the E experts.
+void check_expert_cap(const RebalanceOptions& options, int n_experts, int n_ranks);
+// Most instances on one rank of a placement.
+int max_instances(const ExpertPlacement& placement);
 
 // Rank loads of a placement under load [E] (each instance takes an equal share). [P]
 std::vector<double> rank_loads(const std::vector<double>& load, const ExpertPlacement& placement);
@@ -59,11 +75,14 @@ struct PlacementPlan {
   bool changed = false;
   double max_before = 0, max_after = 0;  // predicted maximum rank load (slots per step)
   double imbalance_before = 0, imbalance_after = 0;
+  int instances_before = 0, instances_after = 0;  // most instances on one rank
+  int cap = 0;                                    // expert_cap of the options
   double predicted_gain() const { return max_after > 0 ? max_before / max_after : 1.0; }
 };
 
 // The planner above. load has current.n_experts() entries, >= 0. Pure and deterministic.
-// Throws Error(kConfig) if P * min_experts_per_rank exceeds the instances available.
+// Throws Error(kConfig) if P * min_experts_per_rank exceeds the instances available or the cap
+// cannot hold the experts (check_expert_cap).
 PlacementPlan plan_placement(const std::vector<double>& load, const ExpertPlacement& current,
                              const RebalanceOptions& options);
 

@@ -88,6 +88,7 @@ RebalancedLoad rebalanced_load_factor(double imbalance, int n_experts, int n_ran
   RebalancedLoad out;
   out.load = plan.imbalance_after > 0 ? plan.imbalance_after : 1.0;
   out.replicas = plan.placement.n_replicas();
+  out.max_instances = comm::max_instances(plan.placement);
   out.rank_groups.assign(static_cast<size_t>(n_ranks), 0);
   for (int e = 0; e < n_experts; ++e)
     if (plan.placement.n_instances(e) > 1) {

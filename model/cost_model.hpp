@@ -184,12 +184,14 @@ double allreduce_ring_seconds(const NetworkParams& net, int nodes, int rpn, doub
 double rank_load_factor(double imbalance, int n_experts, int n_experts_local);
 
 // The same after rebalancing over P ranks with up to `replicas` replicas (the planner of
-// comm/rebalance.hpp on those loads): the busiest rank's load over the mean, and the placement.
+// comm/rebalance.hpp on those loads, with its default cap of 2 ceil(E / P) instances per rank):
+// the busiest rank's load over the mean, and the placement.
 struct RebalancedLoad {
   double load = 1;
   int replicas = 0;
   std::vector<int> group_sizes;  // instances of each replicated expert
   std::vector<int> rank_groups;  // [P] replica groups each rank belongs to
+  int max_instances = 0;         // most expert instances on one rank
 };
 RebalancedLoad rebalanced_load_factor(double imbalance, int n_experts, int n_ranks, int replicas);
 

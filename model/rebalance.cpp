@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <unordered_map>
 
 #include "model/layers/moe_layer.hpp"
@@ -84,6 +85,8 @@ RebalanceConfig RebalanceConfig::from(const Config& config) {
   c.plan.replicas = static_cast<int>(config.get_int("comm.rebalance.replicas"));
   c.plan.policy = comm::parse_rebalance_policy(config.get_string("comm.rebalance.policy"));
   c.plan.min_gain = config.get_float("comm.rebalance.min_gain");
+  c.plan.max_experts_per_rank =
+      static_cast<int>(config.get_int("comm.rebalance.max_experts_per_rank"));
   return c;
 }
 
@@ -106,6 +109,8 @@ ExpertRebalancer::ExpertRebalancer(const RebalanceConfig& config, Transformer& m
                       " needs model.moe.pipeline_chunks 1 and model.moe.capacity_factor 0 (have ",
                       m->config().pipeline_chunks, " and ", m->config().capacity_factor,
                       "); set comm.rebalance.replicas to 0 to re-place experts without replicas"));
+    // (the same on every rank: each raises it before the first rebalancing collective)
+    comm::check_expert_cap(config.plan, m->placement().n_experts(), comm.size());
     blocks_.push_back(l);
     placement_.push_back(m->placement());
     groups_.emplace_back();
@@ -172,6 +177,17 @@ bool ExpertRebalancer::end_step(int64_t s, Transformer& model, AdamW& expert_opt
   }
   event_.predicted_gain = max_after > 0 ? max_before / max_after : 1.0;
   return true;
+}
+
+std::pair<int, int> ExpertRebalancer::max_instances() const {
+  std::pair<int, int> most{0, 0};
+  double worst = -1;
+  for (const comm::ExpertPlacement& p : placement_) {
+    const int n = comm::max_instances(p),
+              cap = comm::expert_cap(config_.plan, p.n_experts(), p.n_ranks());
+    if (static_cast<double>(n) / cap > worst) worst = static_cast<double>(n) / cap, most = {n, cap};
+  }
+  return most;
 }
 
 const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, AdamW& expert_opt,
@@ -293,6 +309,7 @@ const RebalanceEvent& ExpertRebalancer::apply(int64_t step, Transformer& model, 
   ev.experts_moved = static_cast<int>(comm_.sum(static_cast<int64_t>(moved), "rebalance moved"));
   ev.bytes_moved = comm_.sum(sent, "rebalance bytes");
   ev.replicas = replicas();
+  std::tie(ev.max_instances, ev.cap) = max_instances();
   ev.peak_extra_mb = comm_.max(static_cast<double>(staged) / (1024.0 * 1024.0), "rebalance memory");
   ev.seconds = comm_.max(now_s() - t0, "rebalance time");
   event_ = ev;

@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/rebalance.hpp"
@@ -53,6 +54,8 @@ struct RebalanceEvent {
   int layers_changed = 0;
   int experts_moved = 0;    // instances that arrived on a rank that did not hold them
   int replicas = 0;         // replica instances over all layers after the move
+  int max_instances = 0;    // most instances on one rank of one layer after the move
+  int cap = 0;              // that layer's comm.rebalance.max_experts_per_rank (resolved)
   int64_t bytes_moved = 0;  // weights + AdamW state sent, all ranks
   double seconds = 0;       // planning + migration + rebuild (slowest rank)
   double imbalance_before = 0, imbalance_after = 0;  // predicted, worst layer
@@ -64,7 +67,8 @@ struct RebalanceEvent {
 class ExpertRebalancer {
  public:
   // Throws Error(kConfig) for what it cannot rebalance: UMoE attention experts
-  // (model.attention umoe), replicas with model.moe.pipeline_chunks > 1 or a capacity factor.
+  // (model.attention umoe), replicas with model.moe.pipeline_chunks > 1 or a capacity factor, a
+  // comm.rebalance.max_experts_per_rank below ceil(E / P) of an MoE layer.
   ExpertRebalancer(const RebalanceConfig& config, Transformer& model,
                    const comm::Communicator& comm);
 
@@ -99,6 +103,9 @@ class ExpertRebalancer {
   double predicted_imbalance() const;
   // Replica instances over all layers.
   int replicas() const;
+  // Memory: most instances on one rank of one MoE layer and that layer's cap (the layer closest
+  // to its cap). Local.
+  std::pair<int, int> max_instances() const;
 
  private:
   RebalanceConfig config_;

@@ -429,8 +429,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                  ev.experts_moved, " expert instance(s) moved (",
                  static_cast<double>(ev.bytes_moved) / (1024.0 * 1024.0), " MiB, ", ev.seconds,
                  " s, staging peak ", ev.peak_extra_mb, " MiB), ", ev.replicas,
-                 " replica(s); predicted imbalance ", ev.imbalance_before, " -> ",
-                 ev.imbalance_after, ", gain ", ev.predicted_gain, "x; ", ev.moves);
+                 " replica(s), at most ", ev.max_instances, " expert(s) on a rank (cap ", ev.cap,
+                 "); predicted imbalance ", ev.imbalance_before, " -> ", ev.imbalance_after,
+                 ", gain ", ev.predicted_gain, "x; ", ev.moves);
     }
     imbalance_sum += imbalance;
     const double dt = now_s() - t0;
@@ -459,6 +460,9 @@ TrainSummary train(const Config& config, const TrainOptions& options,
     if (rebalancer) {
       rec["replicas"] = rebalancer->replicas();
       rec["rebalances"] = rebalancer->rebalances();
+      const auto [most, cap] = rebalancer->max_instances();
+      rec["max_instances_per_rank"] = most;  // replicas included: the experts' memory
+      rec["max_experts_per_rank"] = cap;     // the cap (comm.rebalance.max_experts_per_rank)
       if (replaced) {
         const RebalanceEvent& ev = rebalancer->last_event();
         rec["rebalance"] = {{"experts_moved", ev.experts_moved},
@@ -468,6 +472,8 @@ TrainSummary train(const Config& config, const TrainOptions& options,
                             {"predicted_imbalance_after", ev.imbalance_after},
                             {"predicted_gain", ev.predicted_gain},
                             {"peak_extra_mb", ev.peak_extra_mb},
+                            {"max_instances_per_rank", ev.max_instances},
+                            {"max_experts_per_rank", ev.cap},
                             {"moves", ev.moves}};
       }
     }

@@ -512,6 +512,15 @@ const std::vector<ConfigKey> kSchema = {
      100,
      {},
      "re-place only when the predicted maximum rank load drops by at least this fraction"},
+    {"comm.rebalance.max_experts_per_rank",
+     T::kInt,
+     "0",
+     0,
+     1 << 20,
+     {},
+     "most expert instances (replicas count) the planner puts on one rank per MoE layer, which "
+     "bounds each rank's expert weights and AdamW state; 0 = 2 x ceil(E / P); below "
+     "ceil(E / P) is an error"},
     {"comm.ranks_per_node",
      T::kInt,
      "0",

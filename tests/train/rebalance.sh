@@ -4,7 +4,8 @@
 # (bench.router_skew=1) and no load-balancing loss, 20 steps:
 #   np2       rebalancing every 2 steps without replicas gives the losses of the same run
 #             without rebalancing within 1e-5, logs its re-placements and evens the rank load;
-#             the same with blocks of 8 and 4 experts (model.moe.layer_experts).
+#             the same with blocks of 8 and 4 experts (model.moe.layer_experts), and with
+#             at most 5 experts per rank (comm.rebalance.max_experts_per_rank), which holds.
 #   np4       the same with 2 replicas per layer; then the step-10 checkpoint (written while
 #             replicas existed, each expert once) resumes on 2 ranks, steps 11..20 within 1e-4.
 source "$(dirname "$0")/lib.sh"
@@ -41,6 +42,19 @@ if [ "$mode" = np2 ]; then
   train 2 on_le "${common[@]}" "${le[@]}" "${rb[@]}"
   compare --keys loss,val_loss --steps 1:8 --tol 1e-5 "$S/off_le.jsonl" "$S/on_le.jsonl"
   grep -q "rebalance after step 2: .* moved" "$S/on_le.log" || fail "no re-placement with layer_experts"
+  # A cap of 5 instances per rank (LPT alone would give the hot expert's rank 1 and the other
+  # 7): the same losses, the cap in the log and in every metrics record.
+  train 2 on_cap "${common[@]}" "${rb[@]}" --set comm.rebalance.max_experts_per_rank=5
+  compare --keys loss,val_loss --steps 1:20 --tol 1e-5 "$S/off.jsonl" "$S/on_cap.jsonl"
+  grep -q "rebalance after step 2: .* at most [1-5] expert(s) on a rank (cap 5)" "$S/on_cap.log" ||
+    fail "no capped re-placement logged at step 2"
+  /usr/bin/python3 - "$S/on_cap.jsonl" <<'PY' || fail "cap check"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"summary"' not in l]
+most = max(r["max_instances_per_rank"] for r in rows)
+print("max_instances_per_rank", most, "cap", rows[-1]["max_experts_per_rank"])
+assert all(r["max_experts_per_rank"] == 5 for r in rows) and most <= 5
+PY
 fi
 if [ "$mode" = np4 ]; then
   ckpt=$S/on/ck/step-00000010

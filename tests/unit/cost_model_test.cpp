@@ -147,6 +147,8 @@ TEST(CostModel, RebalancingEvensTheLoadAndPaysForReplicas) {
   EXPECT_DOUBLE_EQ(rebalanced_load_factor(4.0, 8, 8, 0).load, 4.0);
   const RebalancedLoad eight = rebalanced_load_factor(4.0, 8, 8, 3);
   EXPECT_EQ(eight.replicas, 3);
+  EXPECT_LE(eight.max_instances, 2);  // the planner's default cap, 2 ceil(8 / 8)
+  EXPECT_LE(rebalanced_load_factor(16.0, 64, 8, 4).max_instances, 16);
   EXPECT_LT(eight.load, 1.5);
   // In the prediction: the experts speed up, and the replicas add gradient all-reduces.
   CostModel m(small_config(), 256);
