@@ -15,6 +15,7 @@
 
 #include "comm/communicator.hpp"
 #include "model/transformer.hpp"
+#include "tests/tiny_model.hpp"
 
 using moe::ConstView;
 using moe::comm::Communicator;
@@ -25,17 +26,7 @@ using moe::model::Transformer;
 namespace {
 
 ModelConfig tiny(int every_n) {
-  ModelConfig c;
-  c.vocab_size = 61;
-  c.d_model = 16;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.d_ff = 24;
-  c.moe_every_n = every_n;
-  c.moe.n_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.d_ff = 12;
-  return c;
+  return moe::test::tiny_model(every_n);
 }
 
 constexpr double kTol = 1e-4;

@@ -5,6 +5,7 @@
 // cut the text and end the request; a cancelled request leaves the batch. The per-expert load
 // counts every routed slot. Runs on 1, 2 and 4 ranks.
 #include "model/serve/engine.hpp"
+#include "tests/tiny_model.hpp"
 
 #include <gtest/gtest.h>
 
@@ -24,15 +25,8 @@ using moe::model::serve::Request;
 namespace {
 
 ModelConfig tiny() {
-  ModelConfig c;
-  c.vocab_size = 61;
+  ModelConfig c = moe::test::tiny_model();
   c.d_model = 32;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.d_ff = 24;
-  c.moe_every_n = 1;
-  c.moe.n_experts = 4;
-  c.moe.top_k = 2;
   c.moe.d_ff = 16;
   return c;
 }

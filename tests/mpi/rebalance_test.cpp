@@ -5,6 +5,7 @@
 // bit for bit; a checkpoint of another rank count or without them is refused with the reason.
 #include "model/rebalance.hpp"
 #include "tests/test_util.hpp"
+#include "tests/tiny_model.hpp"
 
 #include <gtest/gtest.h>
 
@@ -30,16 +31,8 @@ using moe::model::Transformer;
 namespace {
 
 ModelConfig tiny(moe::model::ExchangeMode mode) {
-  ModelConfig c;
-  c.vocab_size = 61;
-  c.d_model = 16;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.d_ff = 24;
-  c.moe_every_n = 1;
+  ModelConfig c = moe::test::tiny_model();
   c.moe.n_experts = 8;
-  c.moe.top_k = 2;
-  c.moe.d_ff = 12;
   c.moe.exchange = mode;
   c.moe.router_skew = 1.0;  // expert 0 takes half of the slots: replicas get real work
   return c;

@@ -3,6 +3,7 @@
 // differences.
 #include "model/transformer.hpp"
 #include "tests/test_util.hpp"
+#include "tests/tiny_model.hpp"
 
 #include <gtest/gtest.h>
 
@@ -19,17 +20,8 @@ using moe::model::Transformer;
 namespace {
 
 ModelConfig tiny(int every_n, bool tie) {
-  ModelConfig c;
-  c.vocab_size = 61;
-  c.d_model = 16;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.d_ff = 24;
+  ModelConfig c = moe::test::tiny_model(every_n);
   c.tie_embeddings = tie;
-  c.moe_every_n = every_n;
-  c.moe.n_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.d_ff = 12;
   c.moe.aux_loss_coef = 0.01;
   c.moe.z_loss_coef = 0.001;
   return c;
