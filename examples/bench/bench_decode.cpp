@@ -144,7 +144,7 @@ int bench_decode(const std::vector<std::string>& argv) {
   const double bandwidth = read_bandwidth_gbs(world, args.get_int("--bandwidth-mb", 256));
 
   // Bytes a step reads at least once: all dense weights, and per MoE layer the experts hit.
-  double dense_bytes = 0;
+  double dense_bytes = 0, dense_params = 0;
   auto ends_with = [](const std::string& s, const std::string& tail) {
     return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
   };
@@ -152,6 +152,7 @@ int bench_decode(const std::vector<std::string>& argv) {
     if (p.name == "embed.weight") continue;
     const bool attn_packed = ends_with(p.name, ".attn.w_qkv") || ends_with(p.name, ".attn.w_o");
     dense_bytes += double(p.value.size()) * (attn_packed ? packed_bytes : 4);
+    dense_params += double(p.value.size());
   }
   const int64_t d = cfg.d_model, f = cfg.moe.d_ff;
   const double expert_bytes = double(2 * d * f) * packed_bytes;  // W1 [d, f] + W2 [f, d]
@@ -159,9 +160,6 @@ int bench_decode(const std::vector<std::string>& argv) {
   // FLOPs of one token: 2 per dense weight (the embedding row is a copy), 2 per weight of each
   // of its top-k experts in every MoE layer, and 4 d per attended position and layer (scores
   // and the weighted sum of values), added per step from the caches' lengths.
-  double dense_params = 0;
-  for (const auto& p : model.dense_params())
-    if (p.name != "embed.weight") dense_params += double(p.value.size());
   const double token_flops =
       2 * dense_params + 2.0 * cfg.moe.top_k * double(2 * d * f) * double(moe_layers.size());
   const double peak_gflops = world.sum(measure_cpu_peak(policy.omp_threads).gflops);
